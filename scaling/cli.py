@@ -1,0 +1,288 @@
+"""The ``scaling`` command: thin — parse, call the pipeline modules, print."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import click
+import duckdb
+
+from scaling.config import ConfigError, load_sweep
+from scaling.output import FORMATS, emit, emit_json, err
+
+FORMAT = click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+                      help="table for people; csv or json for scripts")
+DB = click.option("--db", type=click.Path(dir_okay=False), default=None,
+                  help="DuckDB results file [default: $SCALING_DB or ./scaling.duckdb]")
+RUNS_DIR = click.option("--runs-dir", type=click.Path(file_okay=False), default=None,
+                        help="where run files go [default: $SCALING_RUNS or ./runs]")
+
+
+GRID_COLUMNS = ["run_id", "budget", "flops", "params", "active_params", "sparsity", "n_experts", "top_k", "d_model",
+                "n_layers", "steps", "tokens", "unique_tokens", "epochs", "seed"]
+
+
+def runs_root(path: str | None) -> Path:
+    return Path(path or os.environ.get("SCALING_RUNS") or "runs").absolute()
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that are the user's input, printed as one line."""
+    from scaling.data import DataError
+    from scaling.laws import FitError
+    from scaling.store import StoreError
+
+    return (StoreError, FitError, DataError, duckdb.Error, FileNotFoundError)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="scaling")
+def cli() -> None:
+    """Scaling-law and isoFLOP studies of dense and Mixture-of-Experts transformers."""
+
+
+@cli.command()
+@click.argument("sweep_file", type=click.Path())
+@FORMAT
+@click.option("--dropped", is_flag=True, help="print the dropped points instead of the planned runs")
+def grid(sweep_file: str, fmt: str, dropped: bool) -> None:
+    """Plan a sweep: every (budget, sparsity, size, seed) run with exact FLOPs and a stable run_id."""
+    from scaling.grid import plan, summarize
+
+    planned = plan(load_sweep(sweep_file))
+    frame = planned.dropped if dropped else planned.runs.drop(columns="spec")
+    if fmt == "table" and not dropped:
+        frame = frame[GRID_COLUMNS]
+    emit(frame, fmt, title=f"{len(planned.runs)} planned runs")
+    if len(planned.dropped) and not dropped:
+        err(f"dropped {len(planned.dropped)} points: {summarize(planned.dropped)} (see --dropped)")
+
+
+@cli.command()
+@click.argument("sweep_file", type=click.Path(), required=False)
+@DB
+@RUNS_DIR
+@click.option("--one", "one", default=None, help="train a single run from a JSON RunSpec (no store)")
+@click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", show_default=True)
+@click.option("--workers", type=int, default=1, show_default=True, help="local worker processes")
+@click.option("--max-parallel", type=int, default=None, help="slurm: array jobs running at once")
+@click.option("--partition", default=None, help="slurm partition")
+@click.option("--time-min", type=int, default=None, help="slurm time limit per run (minutes)")
+@click.option("--cpus-per-task", type=int, default=None, help="slurm cpus per run")
+@click.option("--gpus-per-node", type=int, default=None, help="slurm gpus per run")
+@click.option("--retries", type=int, default=1, show_default=True, help="retries of failed runs")
+@click.option("--dry-run", is_flag=True, help="print what would run, with FLOPs and estimated time")
+@click.option("--quick", is_flag=True, help="a reduced version of the sweep (smoke test)")
+@FORMAT
+def run(sweep_file: str | None, db: str | None, runs_dir: str | None, one: str | None, executor: str,
+        workers: int, max_parallel: int | None, partition: str | None, time_min: int | None,
+        cpus_per_task: int | None, gpus_per_node: int | None, retries: int, dry_run: bool, quick: bool,
+        fmt: str) -> None:
+    """Train every run of a sweep that is not done yet and ingest the results (resumable)."""
+    if one is not None:
+        run_one(one, runs_dir)
+        return
+    if sweep_file is None:
+        raise click.UsageError("give a SWEEP_FILE, or --one JSON")
+    from scaling.sweep import execute_sweep
+
+    sweep = load_sweep(sweep_file)
+    if quick:
+        from scaling.grid import quick as reduce
+
+        sweep = reduce(sweep)
+    options = {k: v for k, v in dict(partition=partition, time_min=time_min, cpus_per_task=cpus_per_task,
+                                     gpus_per_node=gpus_per_node, max_parallel=max_parallel).items()
+               if v is not None}
+    execute_sweep(sweep, db, runs_root(runs_dir), executor=executor, workers=workers, options=options,
+                  retries=retries, dry_run=dry_run, fmt=fmt)
+
+
+def run_one(spec_json: str, runs_dir: str | None) -> None:
+    from scaling.config import RunSpec
+    from scaling.train import train_run
+
+    try:
+        spec = RunSpec.from_dict(json.loads(spec_json))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--one: not valid JSON: {e}") from None
+    result = train_run(spec, runs_root(runs_dir) / spec.run_id)
+    emit_json(result)
+
+
+@cli.command()
+@click.argument("sweep", required=False)
+@DB
+@FORMAT
+def status(sweep: str | None, db: str | None, fmt: str) -> None:
+    """Counts by status, failures with their first error line, slowest runs."""
+    from scaling.runner import status_tables
+    from scaling.store import connect
+
+    con = connect(db, read_only=True)
+    tables = status_tables(con, sweep_name(sweep))
+    if fmt == "json":
+        print(json.dumps({k: json.loads(v.to_json(orient="records")) for k, v in tables.items()}))
+        return
+    for name, frame in tables.items():
+        if fmt == "csv":
+            frame.insert(0, "table", name)
+        if len(frame) or fmt == "table":
+            emit(frame, fmt, title=name)
+
+
+def sweep_name(sweep: str | None) -> str | None:
+    """A sweep is named by its file or its name."""
+    if sweep and (sweep.endswith(".toml") or Path(sweep).exists()):
+        return load_sweep(sweep).name
+    return sweep
+
+
+@cli.command()
+@click.argument("sweep", required=False)
+@click.option("--law", type=click.Choice(["isoflop", "chinchilla", "data-constrained", "sparsity", "envelope"]),
+              required=True)
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
+              help="fit an external CSV (columns params, active_params, tokens, unique_tokens, sparsity, flops, loss)")
+@click.option("--bootstrap", type=int, default=0, show_default=True, help="bootstrap resamples over runs")
+@click.option("--budget", type=float, default=None, help="FLOP budget C for the compute-optimal answer")
+@click.option("--unique-tokens", type=float, default=None, help="unique-token limit U for the answer")
+@click.option("--seed", type=int, default=0, show_default=True)
+@DB
+@FORMAT
+def fit(sweep: str | None, law: str, csv_path: str | None, bootstrap: int, budget: float | None,
+        unique_tokens: float | None, seed: int, db: str | None, fmt: str) -> None:
+    """Fit a scaling law to a sweep's runs (saved in the store) or to a CSV."""
+    from scaling.fitting import fit_frame, fit_sweep, result_table
+
+    if csv_path:
+        result = fit_frame(csv_path, law, bootstrap=bootstrap, budget=budget, unique_tokens=unique_tokens,
+                           seed=seed)
+    elif sweep:
+        result = fit_sweep(db, sweep_name(sweep), law, bootstrap=bootstrap, budget=budget,
+                           unique_tokens=unique_tokens, seed=seed)
+    else:
+        raise click.UsageError("give a SWEEP (from the store) or --csv PATH")
+    if fmt == "json":
+        emit_json(result)
+    else:
+        emit(result_table(result), fmt, title=f"{law} fit ({result['n_points']} points)")
+        for note in result.get("notes", []):
+            err(f"note: {note}")
+
+
+@cli.command()
+@click.argument("sweep")
+@DB
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="[default: reports/SWEEP]")
+@click.option("--bootstrap", type=int, default=200, show_default=True)
+def report(sweep: str, db: str | None, out: str | None, bootstrap: int) -> None:
+    """Figures and a self-contained HTML report of a sweep."""
+    from scaling.report import write_report
+
+    name = sweep_name(sweep)
+    path = write_report(db, name, Path(out or f"reports/{name}"), bootstrap=bootstrap)
+    click.echo(f"report: {path}")
+
+
+@cli.command()
+@click.argument("query", required=False)
+@DB
+@click.option("--format", "fmt", type=click.Choice([*FORMATS, "parquet"]), default="table", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="write to a file (needed for parquet)")
+@click.option("--schema", "show_schema", is_flag=True, help="print tables, views and their columns")
+def sql(query: str | None, db: str | None, fmt: str, out: str | None, show_schema: bool) -> None:
+    """Run read-only SQL over the results (views: final_losses, isoflop_points, training_curves, ...)."""
+    from scaling.sqlquery import run_query
+
+    run_query(db, query, fmt=fmt, out=out, show_schema=show_schema)
+
+
+@cli.command()
+@click.argument("sweep")
+@click.option("--to", "to", type=click.Path(file_okay=False), required=True)
+@DB
+def export(sweep: str, to: str, db: str | None) -> None:
+    """Write every table of the store as Parquet files (for any other engine)."""
+    from scaling.sqlquery import export_parquet
+
+    for path in export_parquet(db, sweep_name(sweep), Path(to)):
+        click.echo(path)
+
+
+@cli.command()
+@click.argument("sweep")
+@click.option("--runs", "run_ids", multiple=True, help="run ids to compare (default: all ok runs)")
+@click.option("--match", type=click.Choice(["tokens", "loss"]), default="tokens", show_default=True)
+@click.option("--bootstrap", type=int, default=200, show_default=True, help="resamples over eval tokens")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="[default: reports/SWEEP]")
+@DB
+@FORMAT
+def similarity(sweep: str, run_ids: tuple[str, ...], match: str, bootstrap: int, out: str | None,
+               db: str | None, fmt: str) -> None:
+    """Per-token loss r² between runs over training (do MoE and dense learn the same things?)."""
+    from scaling.similarity import similarity_command
+
+    similarity_command(db, sweep_name(sweep), list(run_ids), match, bootstrap,
+                       Path(out or f"reports/{sweep_name(sweep)}"), fmt)
+
+
+@cli.command()
+@DB
+@RUNS_DIR
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="[default: reports/demo]")
+@click.option("--quick", is_flag=True, help="a reduced version (< 2 minutes) for smoke tests")
+@click.option("--workers", type=int, default=1, show_default=True)
+def demo(db: str | None, runs_dir: str | None, out: str | None, quick: bool, workers: int) -> None:
+    """The main job: compute-optimal sparsity under finite data, end to end (train, fit, report)."""
+    from scaling.demo import run_demo
+
+    run_demo(db, runs_root(runs_dir), Path(out) if out else None, quick=quick, workers=workers)
+
+
+@cli.group()
+def data() -> None:
+    """Corpora: fetch and tokenize once into a cache."""
+
+
+@data.command("prepare")
+@click.argument("name", default="shakespeare")
+@click.option("--tokenizer", type=click.Choice(["byte", "bpe"]), default="byte", show_default=True)
+@click.option("--vocab-size", type=int, default=256, show_default=True)
+def data_prepare(name: str, tokenizer: str, vocab_size: int) -> None:
+    """Prepare a corpus: shakespeare, bible, a text file or folder, or a .bin/.npy of token ids."""
+    from scaling.data import prepare
+
+    click.echo(prepare(name, tokenizer=tokenizer, vocab_size=vocab_size))
+
+
+def main() -> None:
+    """Entry point: user errors are one line on stderr (exit 2 for configuration, 1 otherwise)."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        err("aborted")
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except ConfigError as e:
+        err(f"error: {e}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err("interrupted")
+        sys.exit(130)
+    except Exception as e:
+        if isinstance(e, user_errors()) and not os.environ.get("SCALING_DEBUG"):
+            err(f"error: {one_line(e)}")
+            sys.exit(1)
+        traceback.print_exc()
+        sys.exit(1)
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__

@@ -1,0 +1,374 @@
+"""Typed configuration: model, training and sweep settings, TOML loading with one clear error per problem."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+
+class ConfigError(ValueError):
+    """A sweep or run configuration problem, phrased for the user (file, key, problem)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One transformer. Dense is ``n_experts == 1``; MoE layers replace the FFN every ``moe_every``-th layer.
+
+    ``d_ff`` is the dense FFN width; an expert has width ``d_ff // granularity`` (Krajewski et al. 2024).
+    ``capacity_factor == 0`` means dropless dispatch.
+    """
+
+    vocab_size: int = 256
+    context: int = 128
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    d_ff: int = 256
+    n_experts: int = 1
+    top_k: int = 1
+    granularity: int = 1
+    moe_every: int = 1
+    shared_experts: int = 0
+    share_weights: bool = False
+    positional: str = "learned"
+    tie_embeddings: bool = True
+    router_noise: bool = False
+    capacity_factor: float = 0.0
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context", "d_model", "n_layers", "n_heads", "d_ff", "n_experts",
+                     "top_k", "granularity", "moe_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"model.d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.top_k > self.n_experts:
+            raise ConfigError(f"model.top_k={self.top_k} exceeds n_experts={self.n_experts}")
+        if self.d_ff % self.granularity:
+            raise ConfigError(f"model.d_ff={self.d_ff} is not divisible by granularity={self.granularity}")
+        if self.positional not in ("learned", "rotary"):
+            raise ConfigError(f"model.positional must be 'learned' or 'rotary', got {self.positional!r}")
+        if self.capacity_factor < 0 or self.shared_experts < 0:
+            raise ConfigError("model.capacity_factor and model.shared_experts must be >= 0")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 1
+
+    @property
+    def d_expert(self) -> int:
+        return self.d_ff // self.granularity
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Layer ``layer`` (0-based) has an MoE FFN: every ``moe_every``-th layer, counting from 1."""
+        return self.is_moe and (layer + 1) % self.moe_every == 0
+
+    @property
+    def n_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser, schedule and evaluation settings of one run (Porian et al. 2024 recipe by default)."""
+
+    lr: float = 3e-3
+    min_lr_frac: float = 0.1
+    warmup_frac: float = 0.05
+    schedule: str = "cosine"
+    decay_frac: float = 0.2
+    batch_size: int = 32
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_tokens: int = 32768
+    token_loss_tokens: int = 4096
+    checkpoints_per_octave: int = 1
+    first_checkpoint_step: int = 16
+    log_every: int = 10
+    save_every: int = 200
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            raise ConfigError(f"train.schedule must be cosine, wsd or constant, got {self.schedule!r}")
+        for name in ("lr", "batch_size", "eval_tokens", "token_loss_tokens", "checkpoints_per_octave",
+                     "first_checkpoint_step", "log_every", "save_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.warmup_frac < 1 or not 0 <= self.min_lr_frac <= 1 or not 0 < self.decay_frac <= 1:
+            raise ConfigError("train.warmup_frac, min_lr_frac and decay_frac must be fractions in [0, 1]")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that determines one training run; ``run_id`` hashes its normalised form."""
+
+    model: ModelConfig
+    train: TrainConfig
+    tokens: int
+    unique_tokens: int
+    seed: int = 0
+    corpus: str = "shakespeare"
+    tokenizer: str = "byte"
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // (self.train.batch_size * self.model.context)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def run_id(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunSpec:
+        d = dict(d)
+        model = build(ModelConfig, d.pop("model", {}), "model")
+        train = build(TrainConfig, d.pop("train", {}), "train")
+        return build(cls, {**d, "model": model, "train": train}, "run")
+
+
+def suggest(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_keys(section: dict[str, Any], known: list[str], where: str) -> None:
+    for key in section:
+        if key not in known:
+            raise ConfigError(f"unknown key {where}.{key}{suggest(key, known)}".replace(" .", " "))
+
+
+def build(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Instantiate a config dataclass from a dict, rejecting unknown keys and wrong types."""
+    if isinstance(values, cls):
+        return values
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a table, got {type(values).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    check_keys(values, list(known), where)
+    for key, value in values.items():
+        default = known[key].default
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"{where}.{key} must be true or false, got {value!r}")
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{where}.{key} must be a number, got {value!r}")
+            if isinstance(default, int) and not float(value).is_integer():
+                raise ConfigError(f"{where}.{key} must be an integer, got {value!r}")
+            values = {**values, key: type(default)(value)}
+        if isinstance(default, str) and not isinstance(value, str):
+            raise ConfigError(f"{where}.{key} must be a string, got {value!r}")
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One sparsity level: ``n_experts`` experts with ``top_k`` active (dense: 1, 1)."""
+
+    n_experts: int
+    top_k: int
+
+    @property
+    def sparsity(self) -> float:
+        """Expert sparsity S = (E - k) / E (Abnar et al. 2025)."""
+        return (self.n_experts - self.top_k) / self.n_experts
+
+
+@dataclass(frozen=True)
+class Sizes:
+    count: int = 5
+    span: float = 8.0
+    tokens_per_param: float = 20.0
+    center: float = 0.0
+
+
+@dataclass(frozen=True)
+class Shape:
+    aspect_ratio: float = 32.0
+    head_dim: int = 16
+    ffn_mult: int = 4
+    max_layers: int = 24
+    min_d_model: int = 32
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A sweep file: budgets x sparsities x active-parameter sizes under a unique-token limit."""
+
+    name: str
+    budgets: tuple[float, ...]
+    variants: tuple[Variant, ...]
+    unique_tokens: int
+    corpus: str = "shakespeare"
+    tokenizer: str = "byte"
+    vocab_size: int = 256
+    context: int = 128
+    max_epochs: float = 100.0
+    min_steps: int = 100
+    seeds: tuple[int, ...] = (0,)
+    repeat_seeds: tuple[int, ...] = ()
+    repeat_budgets: tuple[float, ...] = ()
+    sizes: Sizes = field(default_factory=Sizes)
+    shape: Shape = field(default_factory=Shape)
+    model: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lr_ref_width: int = 0
+    executor: dict[str, Any] = field(default_factory=dict)
+    path: str = ""
+
+
+TOP_KEYS = ["name", "corpus", "tokenizer", "vocab_size", "context", "unique_tokens", "budgets", "max_epochs",
+            "min_steps", "seeds", "sparsity", "sizes", "shape", "model", "train", "repeat", "executor"]
+MODEL_OVERRIDES = ["granularity", "moe_every", "shared_experts", "share_weights", "positional", "tie_embeddings",
+                   "router_noise", "capacity_factor", "aux_loss_coef", "z_loss_coef"]
+EXECUTOR_KEYS = ["partition", "time_min", "cpus_per_task", "gpus_per_node", "mem_gb", "max_parallel"]
+
+
+def positive(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{key} must be a positive number, got {value!r}")
+    return value
+
+
+def number_list(value: Any, key: str) -> tuple[float, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key} must be a non-empty list of numbers, got {value!r}")
+    return tuple(positive(v, f"{key}[{i}]") for i, v in enumerate(value))
+
+
+def parse_variants(section: Any) -> tuple[Variant, ...]:
+    """``[sparsity]`` as ``experts = [1, 8]`` (+ ``top_k``) or ``levels = [0, 0.875]`` with a fixed ``top_k``."""
+    if not isinstance(section, dict):
+        raise ConfigError("sparsity must be a table with 'experts' or 'levels' (and 'top_k')")
+    check_keys(section, ["experts", "levels", "top_k"], "sparsity")
+    top_k = section.get("top_k", 1)
+    if "experts" in section and "levels" in section:
+        raise ConfigError("sparsity: give either 'experts' or 'levels', not both")
+    if "experts" in section:
+        experts = [int(positive(e, "sparsity.experts")) for e in section["experts"]]
+    elif "levels" in section:
+        experts = []
+        for s in section["levels"]:
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s < 1:
+                raise ConfigError(f"sparsity.levels must lie in [0, 1), got {s!r}")
+            k = top_k if isinstance(top_k, int) else 1
+            e = k / (1 - s)
+            if abs(e - round(e)) > 1e-6:
+                raise ConfigError(f"sparsity level {s} with top_k={k} needs a whole number of experts, got {e:g}")
+            experts.append(round(e))
+    else:
+        raise ConfigError("sparsity needs 'experts' (list) or 'levels' (list of S in [0, 1))")
+    ks = top_k if isinstance(top_k, list) else [top_k] * len(experts)
+    if len(ks) != len(experts):
+        raise ConfigError("sparsity.top_k as a list must have one entry per expert count")
+    variants = []
+    for e, k in zip(experts, ks, strict=True):
+        k = int(positive(k, "sparsity.top_k"))
+        if e == 1:
+            k = 1
+        if k > e:
+            raise ConfigError(f"sparsity: top_k={k} exceeds experts={e}")
+        variants.append(Variant(e, k))
+    return tuple(dict.fromkeys(variants))
+
+
+def parse_sweep(raw: dict[str, Any], path: str = "") -> SweepConfig:
+    """Validate a parsed TOML sweep; every problem is one ConfigError naming the key."""
+    check_keys(raw, TOP_KEYS, "")
+    for key in ("name", "budgets", "unique_tokens", "sparsity"):
+        if key not in raw:
+            raise ConfigError(f"missing required key {key!r}")
+    name = raw["name"]
+    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(f"name must be a plain identifier (letters, digits, - and _), got {name!r}")
+    sizes_raw = raw.get("sizes", {})
+    shape_raw = raw.get("shape", {})
+    model_raw = raw.get("model", {})
+    if not isinstance(model_raw, dict):
+        raise ConfigError("model must be a table")
+    check_keys(model_raw, MODEL_OVERRIDES, "model")
+    build(ModelConfig, {k: v for k, v in model_raw.items()}, "model")
+    train_raw = dict(raw.get("train", {}))
+    lr_ref = train_raw.pop("lr_ref_width", 0)
+    repeat = raw.get("repeat", {})
+    check_keys(repeat, ["seeds", "budgets"], "repeat")
+    executor = raw.get("executor", {})
+    check_keys(executor, EXECUTOR_KEYS, "executor")
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise ConfigError(f"seeds must be a non-empty list of non-negative integers, got {seeds!r}")
+    tokenizer = raw.get("tokenizer", "byte")
+    if tokenizer not in ("byte", "bpe"):
+        raise ConfigError(f"tokenizer must be 'byte' or 'bpe', got {tokenizer!r}")
+    vocab = int(positive(raw.get("vocab_size", 256), "vocab_size"))
+    if tokenizer == "byte" and vocab != 256:
+        raise ConfigError("vocab_size must be 256 with the byte tokenizer")
+    return SweepConfig(
+        name=name,
+        budgets=tuple(sorted(number_list(raw["budgets"], "budgets"))),
+        variants=parse_variants(raw["sparsity"]),
+        unique_tokens=int(positive(raw["unique_tokens"], "unique_tokens")),
+        corpus=str(raw.get("corpus", "shakespeare")),
+        tokenizer=tokenizer,
+        vocab_size=vocab,
+        context=int(positive(raw.get("context", 128), "context")),
+        max_epochs=float(positive(raw.get("max_epochs", 100.0), "max_epochs")),
+        min_steps=int(positive(raw.get("min_steps", 100), "min_steps")),
+        seeds=tuple(seeds),
+        repeat_seeds=tuple(int(s) for s in repeat.get("seeds", [])),
+        repeat_budgets=tuple(number_list(repeat["budgets"], "repeat.budgets")) if "budgets" in repeat else (),
+        sizes=build(Sizes, sizes_raw, "sizes"),
+        shape=build(Shape, shape_raw, "shape"),
+        model=dict(model_raw),
+        train=build(TrainConfig, train_raw, "train"),
+        lr_ref_width=int(lr_ref),
+        executor=dict(executor),
+        path=path,
+    )
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    """Read and validate a sweep TOML file; errors name the file."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such sweep file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: malformed TOML: {e}") from None
+    try:
+        sweep = parse_sweep(raw, str(path))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if sweep.sizes.count <= 0 or sweep.sizes.span < 1 or sweep.sizes.tokens_per_param <= 0:
+        raise ConfigError(f"{path}: sizes.count must be positive, sizes.span >= 1, sizes.tokens_per_param > 0")
+    return sweep
+
+
+def with_lr(train: TrainConfig, d_model: int, ref_width: int) -> TrainConfig:
+    """Learning rate that shrinks with width: lr * ref_width / d_model (muP-style heuristic), if ref_width set."""
+    if not ref_width:
+        return train
+    return replace(train, lr=train.lr * ref_width / d_model)

@@ -1,0 +1,147 @@
+"""The sweep generator: budgets x sparsities x active-parameter sizes -> planned runs with stable ids."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pandas as pd
+
+from scaling.config import ConfigError, ModelConfig, RunSpec, SweepConfig, Variant, build, with_lr
+from scaling.flops import expert_sparsity, flops_6nd, param_counts, param_sparsity, train_flops_per_token
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Planned runs (one row each, ``spec`` holds the RunSpec) and the points dropped with their reasons."""
+
+    runs: pd.DataFrame
+    dropped: pd.DataFrame
+
+
+def shape_for(target_active: float, variant: Variant, sweep: SweepConfig) -> ModelConfig:
+    """The model whose ACTIVE params are closest to ``target_active`` under the shape rules.
+
+    For every depth, d_model is solved (a multiple of the head size) for the target; the depth whose aspect
+    ratio d_model/n_layers is closest to the rule, among shapes within 10% of the best size match, wins.
+    """
+    shape = sweep.shape
+    candidates = []
+    for n_layers in range(1, shape.max_layers + 1):
+        for d_model in range(max(shape.head_dim, shape.min_d_model), 64 * shape.head_dim + 1, shape.head_dim):
+            cfg = model_config(d_model, n_layers, variant, sweep)
+            if cfg is None:
+                continue
+            n = param_counts(cfg).active
+            size_err = abs(math.log(n / target_active))
+            aspect_err = abs(math.log(d_model / n_layers / shape.aspect_ratio))
+            candidates.append((size_err, aspect_err, cfg))
+            if n > 4 * target_active:
+                break
+    if not candidates:
+        raise ConfigError(f"no model shape fits {target_active:.3g} active params")
+    best = min(c[0] for c in candidates)
+    near = [c for c in candidates if c[0] <= best + 0.1]
+    return min(near, key=lambda c: (c[1], c[0]))[2]
+
+
+def model_config(d_model: int, n_layers: int, variant: Variant, sweep: SweepConfig) -> ModelConfig | None:
+    d_ff = sweep.shape.ffn_mult * d_model
+    granularity = int(sweep.model.get("granularity", 1)) if variant.n_experts > 1 else 1
+    if d_ff % granularity:
+        return None
+    overrides = {k: v for k, v in sweep.model.items() if k != "granularity"}
+    return build(ModelConfig, {
+        "vocab_size": sweep.vocab_size, "context": sweep.context, "d_model": d_model, "n_layers": n_layers,
+        "n_heads": d_model // sweep.shape.head_dim, "d_ff": d_ff, "n_experts": variant.n_experts,
+        "top_k": variant.top_k, "granularity": granularity, **overrides,
+    }, "model")
+
+
+def target_sizes(budget: float, sweep: SweepConfig) -> np.ndarray:
+    """Active-param targets log-spaced over ``span`` around the estimated optimum sqrt(C / (6·tokens_per_param))
+    (Chinchilla's ~20 tokens/param) or around ``sizes.center`` x that estimate when given."""
+    sizes = sweep.sizes
+    center = math.sqrt(budget / (6 * sizes.tokens_per_param)) * (sizes.center or 1.0)
+    if sizes.count == 1:
+        return np.array([center])
+    half = math.sqrt(sizes.span)
+    return np.geomspace(center / half, center * half, sizes.count)
+
+
+def plan(sweep: SweepConfig) -> Plan:
+    """Enumerate every (budget, sparsity, size, seed) point, derive D and epochs, drop impossible points."""
+    rows, dropped = [], []
+    batch_tokens = sweep.train.batch_size * sweep.context
+    for budget in sweep.budgets:
+        seeds = list(sweep.seeds)
+        if any(math.isclose(budget, b, rel_tol=1e-9) for b in sweep.repeat_budgets) or (
+            sweep.repeat_seeds and not sweep.repeat_budgets
+        ):
+            seeds += [s for s in sweep.repeat_seeds if s not in seeds]
+        for variant in sweep.variants:
+            shapes = {}
+            for target in target_sizes(budget, sweep):
+                cfg = shape_for(target, variant, sweep)
+                shapes.setdefault(cfg, target)
+            for cfg, target in shapes.items():
+                fpt = train_flops_per_token(cfg)
+                steps = round(budget / (fpt * batch_tokens))
+                tokens = steps * batch_tokens
+                epochs = tokens / sweep.unique_tokens
+                point = {"budget": budget, "sparsity": variant.sparsity, "n_experts": variant.n_experts,
+                         "top_k": variant.top_k, "d_model": cfg.d_model, "n_layers": cfg.n_layers,
+                         "target_active": target, "steps": steps, "epochs": epochs}
+                if steps < sweep.min_steps:
+                    dropped.append({**point, "reason": f"fewer than min_steps={sweep.min_steps} steps"})
+                    continue
+                if epochs > sweep.max_epochs:
+                    dropped.append({**point, "reason": f"more than max_epochs={sweep.max_epochs:g} epochs"})
+                    continue
+                train = with_lr(sweep.train, cfg.d_model, sweep.lr_ref_width)
+                for seed in seeds:
+                    spec = RunSpec(model=cfg, train=train, tokens=tokens, unique_tokens=sweep.unique_tokens,
+                                   seed=seed, corpus=sweep.corpus, tokenizer=sweep.tokenizer)
+                    rows.append(row_for(spec, budget))
+    runs = pd.DataFrame(rows, columns=COLUMNS)
+    if runs.empty:
+        raise ConfigError(f"{sweep.path or sweep.name}: no run fits any budget "
+                          f"({len(dropped)} points dropped: {summarize(dropped)})")
+    return Plan(runs=runs.drop_duplicates("run_id").reset_index(drop=True),
+                dropped=pd.DataFrame(dropped))
+
+
+COLUMNS = ["run_id", "budget", "flops", "flops_6nd", "params", "active_params", "embedding_params",
+           "sparsity", "param_sparsity", "n_experts", "top_k", "d_model", "n_layers", "n_heads", "lr", "steps",
+           "tokens", "unique_tokens", "epochs", "seed", "spec"]
+
+
+def row_for(spec: RunSpec, budget: float) -> dict:
+    """One planned run as a flat record: the columns researchers filter and fit on, plus the spec itself."""
+    cfg = spec.model
+    counts = param_counts(cfg)
+    return {
+        "run_id": spec.run_id, "budget": budget, "flops": train_flops_per_token(cfg) * spec.tokens,
+        "flops_6nd": flops_6nd(cfg, spec.tokens), "params": counts.total, "active_params": counts.active,
+        "embedding_params": counts.embedding, "sparsity": expert_sparsity(cfg),
+        "param_sparsity": param_sparsity(cfg), "n_experts": cfg.n_experts, "top_k": cfg.top_k,
+        "d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "lr": spec.train.lr,
+        "steps": spec.steps, "tokens": spec.tokens, "unique_tokens": spec.unique_tokens,
+        "epochs": spec.tokens / spec.unique_tokens, "seed": spec.seed, "spec": spec,
+    }
+
+
+def summarize(dropped: list[dict] | pd.DataFrame) -> str:
+    """'3 × reason, 1 × reason' for messages."""
+    reasons = pd.Series([d["reason"] for d in (dropped.to_dict("records") if isinstance(dropped, pd.DataFrame)
+                                               else dropped)], dtype=object)
+    return ", ".join(f"{n} × {r}" for r, n in reasons.value_counts().items()) or "none"
+
+
+def quick(sweep: SweepConfig, budgets: int = 2, variants: int = 2, sizes: int = 3) -> SweepConfig:
+    """A reduced copy of a sweep (smallest budgets, dense + the sparsest variants, fewer sizes) for smoke tests."""
+    keep = (sweep.variants[:1] + sweep.variants[1:][-(variants - 1):]) if variants > 1 else sweep.variants[:1]
+    return replace(sweep, name=f"{sweep.name}-quick", budgets=sweep.budgets[:budgets], variants=keep,
+                   sizes=replace(sweep.sizes, count=min(sizes, sweep.sizes.count)), repeat_seeds=(),
+                   repeat_budgets=())

@@ -1,0 +1,155 @@
+"""The sweep driver: the store decides what is done, an executor runs the rest, the driver ingests results.
+
+Only this process opens the database. Workers train through ``execute_locked``, which holds an exclusive lock
+on the run directory, so a run left training by a killed driver is never trained twice at once: a rerun waits
+for it and then finds its finished files.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from scaling.config import SweepConfig
+from scaling.executors import Executor, Handle, Task
+from scaling.grid import plan
+from scaling.store import ingest_all, ingest_run, mark, register_plan
+
+DEFAULT_FLOPS_PER_S = 5e10
+
+
+def execute_locked(spec: dict, run_dir: str) -> dict:
+    """Train one run under an exclusive lock on its directory; an already finished run is not retrained."""
+    from scaling.train import execute
+
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = path / "result.json"
+        if result.exists():
+            done = json.loads(result.read_text())
+            if done.get("status") in ("ok", "diverged"):
+                return {k: v for k, v in done.items() if k not in ("metrics", "router")}
+        return execute(spec, run_dir)
+
+
+@dataclass
+class SweepOutcome:
+    counts: dict[str, int] = field(default_factory=dict)
+    trained: list[str] = field(default_factory=list)
+    skipped: int = 0
+    interrupted: bool = False
+
+
+def runs_to_do(con: duckdb.DuckDBPyConnection, sweep: str, retries: int) -> pd.DataFrame:
+    """Runs that are not finished: never ``ok`` or ``diverged``, and failed ones only while attempts ≤ retries."""
+    return con.execute("""
+        SELECT r.run_id, r.spec, r.run_dir, r.flops, r.status, r.attempts
+        FROM runs r JOIN sweep_runs s USING (run_id)
+        WHERE s.sweep = ? AND r.status NOT IN ('ok', 'diverged')
+          AND NOT (r.status = 'failed' AND r.attempts > ?)
+        ORDER BY r.flops DESC""", [sweep, retries]).df()
+
+
+def estimate_seconds(con: duckdb.DuckDBPyConnection, flops: pd.Series) -> pd.Series:
+    """Time estimate from this store's measured FLOP/s (median of finished runs), else a CPU default."""
+    measured = con.execute("SELECT median(flops_per_s) FROM runs WHERE status = 'ok'").fetchone()[0]
+    return flops / (measured or DEFAULT_FLOPS_PER_S)
+
+
+def prepare(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, runs_dir: Path) -> pd.DataFrame:
+    """Plan the sweep into the store and ingest run files finished since the last driver stopped."""
+    planned = plan(sweep)
+    register_plan(con, sweep, planned.runs, runs_dir)
+    ingest_all(con, sweep.name)
+    return planned.runs
+
+
+def run_sweep(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, executor: Executor, runs_dir: Path,
+              retries: int = 1, on_update: Callable[[dict], None] | None = None,
+              poll_s: float = 0.2) -> SweepOutcome:
+    """Train every unfinished run of ``sweep`` and ingest each result as soon as it lands.
+
+    ``on_update`` receives progress events: {"event": "start"|"done"|"tick", ...}.
+    """
+    runs = prepare(con, sweep, runs_dir)
+    todo = runs_to_do(con, sweep.name, retries)
+    outcome = SweepOutcome(skipped=len(runs) - len(todo))
+    notify = on_update or (lambda event: None)
+    total_flops = float(runs.flops.sum())
+    done_flops = total_flops - float(todo.flops.sum())
+    notify({"event": "start", "total": len(runs), "done": outcome.skipped, "total_flops": total_flops,
+            "done_flops": done_flops, "todo": todo})
+    attempts = dict(zip(todo.run_id, todo.attempts, strict=True))
+    handles: list[Handle] = []
+    try:
+        handles = submit(con, executor, todo.to_dict("records"))
+        while handles:
+            time.sleep(poll_s)
+            notify({"event": "tick", "running": [h.task for h in handles]})
+            still = []
+            for handle in handles:
+                if not handle.done():
+                    still.append(handle)
+                    continue
+                task = handle.task
+                status = finish(con, handle)
+                attempts[task.run_id] += 1
+                outcome.counts[status] = outcome.counts.get(status, 0) + 1
+                if status == "ok":
+                    outcome.trained.append(task.run_id)
+                row = todo.loc[todo.run_id == task.run_id].iloc[0]
+                notify({"event": "done", "run_id": task.run_id, "status": status, "flops": float(row.flops)})
+                if status == "failed" and attempts[task.run_id] <= retries:
+                    still += submit(con, executor, [row.to_dict()])
+            handles = still
+    except KeyboardInterrupt:
+        executor.shutdown(cancel=True)
+        for handle in handles:
+            if not handle.done():
+                mark(con, handle.task.run_id, "interrupted", "interrupted by the user")
+        outcome.interrupted = True
+    return outcome
+
+
+def submit(con: duckdb.DuckDBPyConnection, executor: Executor, rows: list[dict]) -> list[Handle]:
+    tasks = [Task(run_id=r["run_id"], spec=json.loads(r["spec"]) if isinstance(r["spec"], str) else r["spec"],
+                  run_dir=r["run_dir"]) for r in rows]
+    for task in tasks:
+        mark(con, task.run_id, "running", attempt=True)
+    return executor.submit(tasks) if tasks else []
+
+
+def finish(con: duckdb.DuckDBPyConnection, handle: Handle) -> str:
+    """Ingest a finished task's files, or record why it failed."""
+    result, error = handle.outcome()
+    status = ingest_run(con, handle.task.run_dir) if error is None else None
+    if status is None:
+        status = "failed"
+        mark(con, handle.task.run_id, status, error or "the run ended without writing result.json")
+    return status
+
+
+def status_tables(con: duckdb.DuckDBPyConnection, sweep: str | None) -> dict[str, pd.DataFrame]:
+    """Counts by status, failures with their first error line, slowest runs."""
+    where, args = ("WHERE s.sweep = ?", [sweep]) if sweep else ("", [])
+    base = f"FROM runs r JOIN sweep_runs s USING (run_id) {where}"
+    return {
+        "counts": con.execute(f"SELECT s.sweep, r.status, count(*) AS runs, sum(r.flops) AS flops {base} "
+                              "GROUP BY ALL ORDER BY ALL", args).df(),
+        "failures": con.execute(f"SELECT s.sweep, r.run_id, r.status, r.attempts, "
+                                f"split_part(r.error, chr(10), 1) AS error {base} "
+                                f"{'AND' if where else 'WHERE'} r.status IN ('failed', 'diverged', 'interrupted') "
+                                "ORDER BY ALL", args).df(),
+        "slowest": con.execute(f"SELECT s.sweep, r.run_id, r.sparsity, r.active_params, r.flops, r.wall_s, "
+                               f"r.tokens_per_s {base} {'AND' if where else 'WHERE'} r.wall_s IS NOT NULL "
+                               "ORDER BY r.wall_s DESC LIMIT 5", args).df(),
+    }

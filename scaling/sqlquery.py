@@ -1,0 +1,81 @@
+"""``scaling sql`` and ``scaling export``: read-only SQL over the store, Parquet export."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import duckdb
+
+from scaling.output import emit, err
+from scaling.store import connect, schema
+
+WRITE = re.compile(r"^\s*(insert|update|delete|create|drop|alter|copy|attach|detach|install|load|pragma|set|"
+                   r"checkpoint|vacuum|import|export|call)\b", re.IGNORECASE)
+
+
+def run_query(db: str | None, query: str | None, fmt: str = "table", out: str | None = None,
+              show_schema: bool = False) -> None:
+    """Print a query's result (or the schema); bad SQL is DuckDB's message on one line with exit code 1."""
+    con = connect(db, read_only=True)
+    if show_schema:
+        emit(schema(con), "csv" if fmt == "parquet" else fmt, title="tables and views")
+        return
+    if not query:
+        fail("give a query, or --schema")
+    if WRITE.match(query):
+        fail("the results database is read-only here: only queries (SELECT, WITH, ...) are allowed")
+    try:
+        relation = con.sql(query)
+        if relation is None:
+            fail("the statement returned no rows")
+        if fmt == "parquet":
+            if not out:
+                fail("--format parquet needs --out FILE")
+            relation.write_parquet(out)
+            err(f"wrote {out}")
+            return
+        frame = relation.df()
+    except duckdb.Error as e:
+        fail(" ".join(str(e).split()))
+    if out:
+        with open(out, "w") as fh:
+            sys.stdout, saved = fh, sys.stdout
+            try:
+                emit(frame, fmt)
+            finally:
+                sys.stdout = saved
+        err(f"wrote {out}")
+    else:
+        emit(frame, fmt)
+
+
+def fail(message: str) -> None:
+    err(f"error: {message}")
+    sys.exit(1)
+
+
+def export_parquet(db: str | None, sweep: str, to: Path) -> list[Path]:
+    """Every table and view restricted to the sweep's runs, one Parquet file each."""
+    con = connect(db, read_only=True)
+    if con.execute("SELECT count(*) FROM sweeps WHERE name = ?", [sweep]).fetchone()[0] == 0:
+        fail(f"no sweep named {sweep!r} in the store")
+    to.mkdir(parents=True, exist_ok=True)
+    runs = f"(SELECT run_id FROM sweep_runs WHERE sweep = '{sweep}')"
+    queries = {
+        "sweeps": f"SELECT * FROM sweeps WHERE name = '{sweep}'",
+        "runs": f"SELECT * FROM runs WHERE run_id IN {runs}",
+        "sweep_runs": f"SELECT * FROM sweep_runs WHERE sweep = '{sweep}'",
+        "metrics": f"SELECT * FROM metrics WHERE run_id IN {runs}",
+        "router_stats": f"SELECT * FROM router_stats WHERE run_id IN {runs}",
+        "token_losses": f"SELECT * FROM token_loss_arrays WHERE run_id IN {runs}",
+        "fits": f"SELECT * FROM fits WHERE sweep = '{sweep}'",
+        "fit_params": f"SELECT * FROM fit_params WHERE sweep = '{sweep}'",
+    }
+    paths = []
+    for name, query in queries.items():
+        path = to / f"{name}.parquet"
+        con.sql(query).write_parquet(str(path))
+        paths.append(path)
+    return paths

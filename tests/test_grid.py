@@ -1,0 +1,99 @@
+"""Sweep files and the grid generator: budgets respected, ids stable, bad input rejected clearly."""
+
+import math
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from scaling.config import ConfigError, load_sweep, parse_sweep
+from scaling.grid import plan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def base(**overrides):
+    raw = {"name": "t", "budgets": [1e11, 1e12], "unique_tokens": 500_000, "context": 64,
+           "sparsity": {"experts": [1, 4], "top_k": 1}, "sizes": {"count": 3, "span": 6.0},
+           "train": {"batch_size": 16}}
+    raw.update(overrides)
+    return raw
+
+
+@pytest.mark.parametrize("name", ["smoke", "demo", "similarity"])
+def test_shipped_sweeps_plan(name):
+    path = ROOT / "sweeps" / f"{name}.toml"
+    if not path.exists():
+        pytest.skip(f"{path.name} not present")
+    runs = plan(load_sweep(path)).runs
+    assert (abs(runs.flops / runs.budget - 1) < 0.01).all()
+    assert (runs.epochs == runs.tokens / runs.unique_tokens).all()
+    assert runs.run_id.is_unique
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(budgets=st.lists(st.floats(3e10, 3e12), min_size=1, max_size=3),
+       experts=st.lists(st.sampled_from([1, 2, 4, 8]), min_size=1, max_size=3, unique=True),
+       unique=st.integers(50_000, 5_000_000), max_epochs=st.floats(1.0, 50.0), count=st.integers(1, 5))
+def test_grid_invariants(budgets, experts, unique, max_epochs, count):
+    raw = base(budgets=budgets, sparsity={"experts": experts, "top_k": 1}, unique_tokens=unique,
+               max_epochs=max_epochs, min_steps=50, sizes={"count": count, "span": 8.0})
+    try:
+        p = plan(parse_sweep(raw))
+    except ConfigError as e:
+        assert "no run fits" in str(e)
+        return
+    runs = p.runs
+    assert (runs.steps >= 50).all()
+    assert (abs(runs.flops / runs.budget - 1) <= 0.01).all()
+    assert (runs.epochs <= max_epochs + 1e-9).all()
+    assert ((runs.epochs - runs.tokens / runs.unique_tokens).abs() < 1e-12).all()
+    assert set(runs.sparsity) <= {(e - 1) / e for e in experts}
+    assert len(p.dropped) == 0 or set(p.dropped.reason.str.split(" ").str[0]) <= {"fewer", "more"}
+
+
+def test_ids_stable_across_runs_and_key_order(tmp_path):
+    a = tmp_path / "a.toml"
+    b = tmp_path / "b.toml"
+    a.write_text('name = "x"\nunique_tokens = 400000\nbudgets = [1e11]\n[sparsity]\nexperts = [1, 8]\n'
+                 '[train]\nlr = 0.002\nbatch_size = 16\n')
+    b.write_text('[train]\nbatch_size = 16\nlr = 0.002\n[sparsity]\nexperts = [1, 8]\n'
+                 '\n', )
+    b.write_text('budgets = [1e11]\nunique_tokens = 400_000\nname = "x"\n' + b.read_text())
+    ids_a = list(plan(load_sweep(a)).runs.run_id)
+    assert ids_a == list(plan(load_sweep(a)).runs.run_id)
+    assert sorted(ids_a) == sorted(plan(load_sweep(b)).runs.run_id)
+    c = tmp_path / "c.toml"
+    c.write_text(a.read_text().replace("lr = 0.002", "lr = 0.003"))
+    assert not set(ids_a) & set(plan(load_sweep(c)).runs.run_id)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('name = "x"\nbudgets = [1e11\n', "malformed TOML"),
+    ('name = "x"\nunique_tokens = 1000\nbudgets = [1e11]\nbudgts = 3\n[sparsity]\nexperts=[1]\n',
+     "did you mean 'budgets'"),
+    ('name = "x"\nunique_tokens = 1000\nbudgets = [-1e11]\n[sparsity]\nexperts=[1]\n', "budgets[0]"),
+    ('name = "x"\nunique_tokens = 0\nbudgets = [1e11]\n[sparsity]\nexperts=[1]\n', "unique_tokens"),
+    ('name = "x"\nunique_tokens = 1000\nbudgets = [1e11]\n[sparsity]\nexperts=[1]\n[train]\nlrr = 1\n',
+     "did you mean 'lr'"),
+    ('name = "x"\nunique_tokens = 1000\nbudgets = [1e3]\n[sparsity]\nexperts=[1]\n', "no run fits"),
+    ('name = "x"\nunique_tokens = 1000\nbudgets = [1e11]\n[sparsity]\nlevels=[0.3]\n', "whole number"),
+])
+def test_bad_sweep_files(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        plan(load_sweep(path))
+    assert message in str(info.value)
+    assert "bad.toml" in str(info.value)
+
+
+def test_levels_and_repeat_seeds():
+    sweep = parse_sweep(base(sparsity={"levels": [0, 0.5, 0.875], "top_k": 1},
+                             repeat={"seeds": [1], "budgets": [1e12]}))
+    assert [v.n_experts for v in sweep.variants] == [1, 2, 8]
+    runs = plan(sweep).runs
+    assert set(runs[runs.budget == 1e12].seed) == {0, 1}
+    assert set(runs[runs.budget == 1e11].seed) == {0}
+    assert math.isclose(runs.sparsity.max(), 0.875)
