@@ -59,7 +59,7 @@ def fail(message: str) -> None:
 def export_parquet(db: str | None, sweep: str, to: Path) -> list[Path]:
     """Every table and view restricted to the sweep's runs, one Parquet file each."""
     con = connect(db, read_only=True)
-    if con.execute("SELECT count(*) FROM sweeps WHERE name = ?", [sweep]).fetchone()[0] == 0:
+    if con.execute("SELECT count(*) FROM sweeps WHERE name = ?", [sweep]).fetchall()[0][0] == 0:
         fail(f"no sweep named {sweep!r} in the store")
     to.mkdir(parents=True, exist_ok=True)
     runs = f"(SELECT run_id FROM sweep_runs WHERE sweep = '{sweep}')"

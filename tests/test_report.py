@@ -1,0 +1,125 @@
+"""The HTML report end to end: a real DuckDB store of synthetic runs with a known loss law, fitted and drawn."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+from test_sql import SWEEP, build_store
+
+from scaling import laws, report
+from scaling.laws import FitError
+from scaling.store import StoreError
+
+DENSE = {**SWEEP, "name": "dense", "budgets": [1e11, 3e11], "sparsity": {"experts": [1]}, "repeat": {}}
+FIGURES = ["isoflop_params", "isoflop_tokens", "frontier", "sparsity", "envelope", "epochs", "gap", "curves",
+           "router_load", "router_health", "similarity"]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, Path]:
+    """The store and the report of the synthetic sweep (built once for the module)."""
+    tmp = tmp_path_factory.mktemp("report")
+    db = build_store(tmp)
+    index = report.write_report(str(db), "rep", tmp / "out", bootstrap=8)
+    return db, index
+
+
+def test_report_page(built):
+    db, index = built
+    page = index.read_text()
+    folder = index.parent / "figures"
+    for name in FIGURES:
+        assert (folder / f"{name}.png").stat().st_size > 10_000 and (folder / f"{name}.svg").exists(), name
+        assert f'<figure id="{name}"><img src="data:image/png;base64,' in page, name
+    assert "Not drawn" not in page and "could not be fitted" not in page
+    answer = json.loads((index.parent / "answer.json").read_text())
+    assert re.fullmatch(r"At C = 3e11 FLOPs with U = 1\.5e5 unique tokens, the lowest loss is predicted at "
+                        r"sparsity S\* = [\d.]+ \(95% CI [\d.]+–[\d.]+\), N_active = [\d.]+e\d, "
+                        r"D = [\d.]+e\d tokens \([\d.]+ epochs\)\.", answer["sentence"]), answer["sentence"]
+    assert answer["sentence"] in page and len(answer["S_star_ci"]) == 2
+    assert 0.5 < answer["S_star"] < 0.875  # the synthetic law's sparsity cost makes the optimum interior
+    con = duckdb.connect(str(db), read_only=True)
+    run_ids = [row[1] for row in con.execute(report.sql(report.RUNS_SQL, "rep")).fetchall()]
+    assert len(run_ids) == 76 and all(r in page for r in run_ids)
+    assert page.count("failed") >= 1 and "runs not finished ok: 1 failed" in page
+    saved = dict(con.execute("SELECT law || ':' || parameter, value FROM fit_params WHERE sweep = 'rep'").fetchall())
+    assert {"isoflop:a", "sparsity:S_star"} <= set(saved) and all(np.isfinite(list(saved.values())))
+    fit_id = con.execute("SELECT fit_id FROM fits WHERE law = 'sparsity'").fetchall()[0][0]
+    assert report.FIT_SQL.format(fit_id=report.literal(fit_id)).replace("'", "&#x27;") in page
+    con.close()
+
+
+def test_failed_law_and_dense_only_sweep(tmp_path, monkeypatch):
+    """A law that fails is named with its reason; no MoE runs: no router figures; the page is still whole."""
+
+    class Broken(laws.Envelope):
+        def fit(self, frame):
+            raise FitError("synthetic: the envelope needs two sparsities")
+
+    monkeypatch.setitem(laws.LAWS, "envelope", Broken)
+    db = build_store(tmp_path, DENSE, failed=0)
+    page = report.write_report(str(db), "dense", tmp_path / "out", bootstrap=0).read_text()
+    assert "loss envelope and effective compute per sparsity: could not be fitted: synthetic: the envelope" in page
+    assert page.count("Not drawn: no MoE runs with router statistics") == 2
+    answer = json.loads((tmp_path / "out" / "answer.json").read_text())
+    assert answer["sentence"] in page and answer["fits"]["loss envelope and effective compute per sparsity"] != "ok"
+    assert answer["sentence"].startswith("The compute-optimal sparsity could not be determined")
+    assert "The sparsity-aware law could not be fitted: Sparsity needs" in answer["sentence"]
+
+
+def test_unknown_sweep_is_a_store_error(built):
+    with pytest.raises(StoreError, match="no sweep named 'nope'"):
+        report.write_report(str(built[0]), "nope", built[1].parent / "nope")
+
+
+def test_sentence_without_interval():
+    result = {"optimum": {"S_star": 0.75, "N_active": 6.2e4, "N_total": 2e5, "D": 2.7e6, "epochs": 5.4}}
+    assert report.compute_optimal_sentence(result, 1e12, 5e5) == (
+        "At C = 1e12 FLOPs with U = 5e5 unique tokens, the lowest loss is predicted at sparsity S* = 0.75, "
+        "N_active = 6.2e4, D = 2.7e6 tokens (5.4 epochs).")
+    result["ci"] = {"S_star": [0.5, 0.875]}
+    assert "S* = 0.75 (95% CI 0.5–0.875)," in report.compute_optimal_sentence(result, 1e12, 5e5)
+    assert "could not be determined" in report.compute_optimal_sentence(None)
+
+
+CHECK = """<script>
+window.addEventListener("load", () => {
+  const images = Array.from(document.images);
+  const broken = images.filter((i) => !(i.complete && i.naturalWidth > 0)).map((i) => i.alt);
+  const out = document.createElement("pre");
+  out.id = "image-check";
+  out.textContent = JSON.stringify({total: images.length, broken: broken});
+  document.body.appendChild(out);
+});
+</script></body>"""
+
+
+def chromium(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                           "--no-first-run", "--disable-component-update", "--disable-sync",
+                           f"--user-data-dir={tmp / 'profile'}", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs headless Chromium (apt-get install chromium)")
+def test_report_renders_in_chromium(built, tmp_path):
+    index = built[1]
+    shot = tmp_path / "page.png"
+    chromium(tmp_path, f"--screenshot={shot}", "--window-size=1400,4000", index.absolute().as_uri())
+    assert shot.exists() and shot.stat().st_size > 50_000
+    check = index.with_name("check.html")
+    check.write_text(index.read_text().replace("</body>", CHECK))
+    dom = chromium(tmp_path, "--virtual-time-budget=10000", "--dump-dom", check.absolute().as_uri()).stdout
+    found = re.search(r'<pre id="image-check">(.*?)</pre>', dom)
+    assert found, dom[-2000:]
+    images = json.loads(found.group(1).replace("&quot;", '"'))
+    assert images == {"total": len(FIGURES), "broken": []}
