@@ -61,7 +61,7 @@ def runs_to_do(con: duckdb.DuckDBPyConnection, sweep: str, retries: int) -> pd.D
 
 def estimate_seconds(con: duckdb.DuckDBPyConnection, flops: pd.Series) -> pd.Series:
     """Time estimate from this store's measured FLOP/s (median of finished runs), else a CPU default."""
-    measured = con.execute("SELECT median(flops_per_s) FROM runs WHERE status = 'ok'").fetchone()[0]
+    measured = con.execute("SELECT median(flops_per_s) FROM runs WHERE status = 'ok'").fetchall()[0][0]
     return flops / (measured or DEFAULT_FLOPS_PER_S)
 
 

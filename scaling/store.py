@@ -137,10 +137,10 @@ def init_schema(con: duckdb.DuckDBPyConnection, path: Path) -> None:
 def check_version(con: duckdb.DuckDBPyConnection, path: Path) -> int | None:
     """Schema version of the file; a newer file than this code is refused with what to do."""
     try:
-        row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        rows = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
     except duckdb.CatalogException:
         raise StoreError(f"{path} is not a scaling results database (no meta table)") from None
-    version = int(row[0]) if row else None
+    version = int(rows[0][0]) if rows else None
     if version is not None and version > SCHEMA_VERSION:
         raise StoreError(f"{path} has schema version {version}, newer than this scaling ({SCHEMA_VERSION}): "
                          "upgrade scaling (pip install -U scaling) to read it")
@@ -191,7 +191,7 @@ def ingest_run(con: duckdb.DuckDBPyConnection, run_dir: str | os.PathLike) -> st
         return None
     result = read_json(result_file)
     run_id = result["run_id"]
-    if con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone() is None:
+    if not con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchall():
         raise StoreError(f"{run_dir}: run {run_id} is not part of any planned sweep in this database")
     con.execute("BEGIN")
     try:

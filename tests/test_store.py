@@ -40,7 +40,7 @@ def test_ingest_is_idempotent(tmp_path):
     register_plan(con, s, runs, tmp_path / "runs")
     run_id = runs.run_id[0]
     fake_result(tmp_path / "runs" / run_id, run_id)
-    counts = lambda: [con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]  # noqa: E731
+    counts = lambda: [con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]  # noqa: E731
                       for t in ("runs", "metrics", "router_stats", "token_loss_arrays", "token_losses")]
     assert ingest_run(con, tmp_path / "runs" / run_id) == "ok"
     first = counts()
@@ -50,9 +50,9 @@ def test_ingest_is_idempotent(tmp_path):
     assert counts() == first
     assert ingest_all(con, "st") == {}  # nothing newer than the stored copy
     row = con.execute("SELECT final_eval_loss, generalization_gap FROM final_losses WHERE run_id = ?",
-                      [run_id]).fetchone()
+                      [run_id]).fetchall()[0]
     assert row == (pytest.approx(2.1), pytest.approx(0.1))
-    assert con.execute("SELECT count(*) FROM isoflop_points").fetchone()[0] == 1
+    assert con.execute("SELECT count(*) FROM isoflop_points").fetchall()[0][0] == 1
     assert ingest_run(con, tmp_path / "runs" / "missing") is None
 
 
