@@ -33,10 +33,11 @@ def runs_root(path: str | None) -> Path:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that are the user's input, printed as one line."""
     from scaling.data import DataError
+    from scaling.executors import ExecutorError
     from scaling.laws import FitError
     from scaling.store import StoreError
 
-    return (StoreError, FitError, DataError, duckdb.Error, FileNotFoundError)
+    return (StoreError, FitError, DataError, ExecutorError, duckdb.Error, FileNotFoundError)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -124,20 +125,29 @@ def status(sweep: str | None, db: str | None, fmt: str) -> None:
     from scaling.store import connect
 
     con = connect(db, read_only=True)
-    tables = status_tables(con, sweep_name(sweep))
-    if fmt == "json":
-        print(json.dumps({k: json.loads(v.to_json(orient="records")) for k, v in tables.items()}))
-        return
-    for name, frame in tables.items():
-        if fmt == "csv":
-            frame.insert(0, "table", name)
-        if len(frame) or fmt == "table":
-            emit(frame, fmt, title=name)
+    try:
+        tables = status_tables(con, sweep_name(sweep))
+    finally:
+        con.close()
+    if fmt == "json":  # one object: {"counts": [...], "failures": [...], "slowest": [...]}
+        print(json.dumps({k: json.loads(v.to_json(orient="records", date_format="iso")) for k, v in tables.items()}))
+    elif fmt == "csv":  # one CSV: the three tables stacked, told apart by the first column
+        import pandas as pd
+
+        frames = [frame.convert_dtypes().assign(table=name) for name, frame in tables.items() if len(frame)]
+        stacked = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["table"])
+        emit(stacked[["table", *[c for c in stacked.columns if c != "table"]]], "csv")
+    else:
+        for name, frame in tables.items():
+            if len(frame):
+                emit(frame, fmt, title=name)
+            else:
+                click.echo(f"{name}: none")
 
 
 def sweep_name(sweep: str | None) -> str | None:
     """A sweep is named by its file or its name."""
-    if sweep and (sweep.endswith(".toml") or Path(sweep).exists()):
+    if sweep and (sweep.endswith(".toml") or Path(sweep).is_file()):
         return load_sweep(sweep).name
     return sweep
 
@@ -236,7 +246,8 @@ def similarity(sweep: str, run_ids: tuple[str, ...], match: str, bootstrap: int,
 @RUNS_DIR
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="[default: reports/demo]")
 @click.option("--quick", is_flag=True, help="a reduced version (< 2 minutes) for smoke tests")
-@click.option("--workers", type=int, default=1, show_default=True)
+@click.option("--workers", type=int, default=os.cpu_count() or 1, show_default="all cores",
+              help="local worker processes, one thread each (the demo's models are small)")
 def demo(db: str | None, runs_dir: str | None, out: str | None, quick: bool, workers: int) -> None:
     """The main job: compute-optimal sparsity under finite data, end to end (train, fit, report)."""
     from scaling.demo import run_demo

@@ -50,6 +50,10 @@ THREAD_VARS = ("SCALING_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+class ExecutorError(RuntimeError):
+    """A backend problem phrased for the user (e.g. Slurm not installed, sbatch refused the jobs)."""
+
+
 @dataclass
 class Task:
     """One run to execute."""
@@ -491,6 +495,24 @@ class SlurmHandle:
                       f"{log_tail(self.job.paths.stderr)}")
 
 
+def controller_problem() -> str | None:
+    """Why ``sinfo`` gets no answer from the controller (its last error line), or None when it answers."""
+    try:
+        proc = subprocess.run(["sinfo", "--noheader", "--format=%P"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"sinfo failed ({exc})"
+    if proc.returncode != 0:
+        return sbatch_reason(proc.stderr or f"sinfo exited with code {proc.returncode}")
+    return None
+
+
+def sbatch_reason(stderr: str) -> str:
+    """The telling line of sbatch's complaint (its last "error:" or "fatal:" line)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    telling = [line for line in lines if "fatal:" in line or "error:" in line]
+    return (telling or lines or ["no message"])[-1]
+
+
 def job_info(job_id: str) -> dict[str, str]:
     """``scontrol show job`` fields, or {} once the controller has forgotten the job."""
     try:
@@ -524,6 +546,13 @@ class SlurmExecutor:
                  cpus_per_task: int | None = None, gpus_per_node: int = 0, mem_gb: float | None = None,
                  max_parallel: int | None = None, fn: TaskFn = execute, poll_s: float = 10.0,
                  name: str = "scaling") -> None:
+        missing = [cmd for cmd in ("sbatch", "squeue", "scancel", "sinfo") if shutil.which(cmd) is None]
+        if missing:
+            raise ExecutorError(f"the slurm executor needs Slurm's {', '.join(missing)} on PATH (is this a Slurm "
+                                "login node? scripts/local-slurm.sh sets up a single-node cluster)")
+        problem = controller_problem()
+        if problem:
+            raise ExecutorError(f"the slurm executor cannot reach a Slurm controller: {problem}")
         self.folder = Path(folder).resolve()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.fn = fn
@@ -557,7 +586,11 @@ class SlurmExecutor:
         for start in range(0, len(tasks), MAX_ARRAY):  # max_parallel holds within each array
             chunk = tasks[start:start + MAX_ARRAY]
             specs, run_dirs = [t.spec for t in chunk], [t.run_dir for t in chunk]
-            jobs = self.executor.map_array(SlurmTask(self.fn), specs, run_dirs)
+            try:
+                jobs = self.executor.map_array(SlurmTask(self.fn), specs, run_dirs)
+            except submitit.core.utils.FailedJobError as exc:
+                raise ExecutorError(f"sbatch refused {len(chunk)} jobs: {sbatch_reason(str(exc))} "
+                                    "(does `sinfo` list a partition?)") from None
             new = [SlurmHandle(task, job, self.queue) for task, job in zip(chunk, jobs, strict=True)]
             self.queue.track([h.job_id for h in new])
             self._record(new)

@@ -413,14 +413,19 @@ class _Parametric(Law):
 
 
 def _allocation_search(loss: Callable[[np.ndarray, np.ndarray], np.ndarray], C: float,
-                       sparsities: np.ndarray, refine_s: bool) -> tuple[float, float, float]:
-    """(S, N_active, loss) minimising ``loss(n_active, s)`` over N_active (D = C/(6·N_active); from 1e-8 to
-    1e8 tokens per parameter) and over ``sparsities`` (refined between grid neighbours with ``refine_s``):
-    nested log grids, each zooming onto the previous best cell."""
+                       sparsities: np.ndarray, refine_s: bool,
+                       n_range: tuple[float, float] | None = None) -> tuple[float, float, float]:
+    """(S, N_active, loss) minimising ``loss(n_active, s)`` over N_active (D = C/(6·N_active); within
+    ``n_range``, by default from 1e-8 to 1e8 tokens per parameter) and over ``sparsities`` (refined between
+    grid neighbours with ``refine_s``): nested log grids, each zooming onto the previous best cell."""
+    if n_range is None:
+        bounds = (-4 * math.log(10), 4 * math.log(10))
+    else:
+        bounds = (math.log(n_range[0] / math.sqrt(C / 6)), math.log(n_range[1] / math.sqrt(C / 6)))
 
     def best_n(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         center = math.log(math.sqrt(C / 6))
-        lo, hi = np.full(len(s), -4 * math.log(10)), np.full(len(s), 4 * math.log(10))
+        lo, hi = np.full(len(s), bounds[0]), np.full(len(s), bounds[1])
         for _ in range(4):
             log_n = center + lo[:, None] + (hi - lo)[:, None] * np.linspace(0, 1, 65)
             with np.errstate(all="ignore"):
@@ -429,7 +434,7 @@ def _allocation_search(loss: Callable[[np.ndarray, np.ndarray], np.ndarray], C: 
             i = values.argmin(axis=1)
             step = (hi - lo) / 64
             mid = lo + i * step
-            lo, hi = mid - step, mid + step
+            lo, hi = np.maximum(mid - step, bounds[0]), np.minimum(mid + step, bounds[1])
         return np.exp(center + mid), values[np.arange(len(s)), i]
 
     n_best, l_best = best_n(sparsities)
@@ -786,20 +791,26 @@ class Sparsity(_Parametric):
         self.total_params = total_params
 
     def optimum(self, C: float, U: float | None = None, sparsities: Sequence[float] | None = None,
-                params: dict[str, float] | None = None) -> dict[str, float]:
+                params: dict[str, float] | None = None,
+                n_range: tuple[float, float] | None = None) -> dict[str, float]:
         """Lowest predicted loss at budget C (C = 6·N_active·D) with U unique tokens (None: unlimited), over
-        N_active and S (``sparsities``, or a fine grid over [0, the largest fitted S]): S_star, N_active,
+        N_active (within ``n_range``; by default the sizes whose tokens per active parameter lie within the
+        fitted runs' range, because a ten-parameter law is only trusted near the data it was fitted on) and S
+        (``sparsities``, or a fine grid over [0, the largest fitted S]): S_star, N_active,
         N_total, D, epochs = D/U and loss."""
         theta = self._internal(params or self.params_)
         grid = np.linspace(0, self.s_max_, 101) if sparsities is None else np.asarray(sparsities, float)
         total = self.total_params or (lambda n, s: n / (1 - s))
+        if n_range is None:  # the fitted runs' tokens per active parameter, at this budget
+            lo, hi = self.tokens_per_active_
+            n_range = (math.sqrt(C / (6 * hi)), math.sqrt(C / (6 * lo)))
 
         def loss(n: np.ndarray, s: np.ndarray) -> np.ndarray:
             u = np.full(n.size, np.inf if U is None else U)
             data = self._arrays(total(n, s).ravel(), C / (6 * n.ravel()), s.ravel(), u)
             return self._predict(theta, data).reshape(n.shape)
 
-        s_star, n_active, best = _allocation_search(loss, C, grid, refine_s=sparsities is None)
+        s_star, n_active, best = _allocation_search(loss, C, grid, refine_s=sparsities is None, n_range=n_range)
         d = C / (6 * n_active)
         limits = {} if U is None else {"U": float(U), "epochs": d / U}
         return {"C": float(C), "S_star": s_star, "N_active": n_active,
@@ -824,6 +835,10 @@ class Sparsity(_Parametric):
         data = self._arrays(cols["params"], cols["tokens"], cols["sparsity"], unique)
         if with_loss:
             data["y"] = np.log(cols["loss"])
+            active = (pd.to_numeric(frame["active_params"], errors="coerce").to_numpy(float)
+                      if "active_params" in frame else cols["params"] * (1 - cols["sparsity"]))
+            ratio = cols["tokens"] / active
+            self.tokens_per_active_ = (float(np.nanmin(ratio)), float(np.nanmax(ratio)))
         return data
 
     @staticmethod
@@ -1181,22 +1196,27 @@ LAWS: dict[str, type[Law]] = {"isoflop": IsoFLOP, "chinchilla": Chinchilla,
 
 def fit_law(frame: pd.DataFrame, law: str, *, bootstrap: int = 0, budget: float | None = None,
             unique_tokens: float | None = None, seed: int = 0, level: float = 0.95, **options: Any) -> dict:
-    """Fit ``law`` (a key of ``LAWS``) and summarise it as plain JSON: law, params, ci (name → [lo, hi], for
-    parameters and the optimum's quantities), optimum (at ``budget``, under ``unique_tokens`` for the laws
-    that use it), objective, n_points, notes. ``options`` go to the law's constructor."""
+    """Fit ``law`` (a key of ``LAWS``) and summarise it as plain JSON (see ``summarize``). ``options`` go to the
+    law's constructor."""
     if law not in LAWS:
         raise FitError(f"unknown law {law!r}; choose one of {', '.join(LAWS)}")
-    cls = LAWS[law]
-    model = cls(bootstrap=bootstrap, seed=seed, level=level, **options).fit(frame)
+    model = LAWS[law](bootstrap=bootstrap, seed=seed, level=level, **options).fit(frame)
+    return summarize(model, law, budget, unique_tokens)
+
+
+def summarize(model: Law, law: str, budget: float | None = None, unique_tokens: float | None = None) -> dict:
+    """A fitted law as plain JSON: law, params, ci (name → [lo, hi], for parameters and the optimum's
+    quantities), optimum (at ``budget``, under ``unique_tokens`` for the laws that use it), objective,
+    n_points, notes."""
     notes, ci, optimum = list(model.notes_), dict(model.ci_), {}
-    limit = {"U": unique_tokens} if cls.uses_unique_tokens else {}
+    limit = {"U": unique_tokens} if model.uses_unique_tokens else {}
     if budget is not None:
         optimum = model.optimum(budget, **limit)
         if model.bootstrap_ is not None:
             draws = pd.DataFrame([model.optimum(budget, params=row, **limit)
                                   for row in model.bootstrap_.to_dict("records")])
-            ci.update(percentile_intervals(draws.drop(columns=["C", "U"], errors="ignore"), level))
-    if unique_tokens is not None and not cls.uses_unique_tokens:
+            ci.update(percentile_intervals(draws.drop(columns=["C", "U"], errors="ignore"), model.level))
+    if unique_tokens is not None and not model.uses_unique_tokens:
         notes.append(f"unique_tokens is not used by the {law} law")
     elif unique_tokens is not None and budget is None:
         notes.append("give a budget as well for the compute-optimal allocation under the unique-token limit")

@@ -25,7 +25,7 @@ import pandas as pd
 
 from scaling import plots
 from scaling.bootstrap import percentile_intervals
-from scaling.laws import LAWS, FitError, Law
+from scaling.laws import LAWS, FitError, Law, summarize
 from scaling.store import StoreError, connect, db_path, runs_frame, save_fit
 
 RUNS_SQL = """SELECT s.budget, r.run_id, r.status, r.sparsity, r.n_experts, r.top_k, r.params, r.active_params,
@@ -191,30 +191,13 @@ def run_fit(fit: Fit, frame: pd.DataFrame, bootstrap: int, budget: float, unique
         if frame.empty:
             raise FitError("no finished runs to fit")
         fit.model = LAWS[fit.law](bootstrap=bootstrap, seed=0, **options).fit(frame)
-        fit.result = summary(fit.model, fit.law, budget, unique_tokens)
+        fit.result = summarize(fit.model, fit.law, budget, unique_tokens)
     except FitError as e:
         fit.error = str(e)
     except Exception as e:  # a bug in one law must not cost the whole report: it is shown on the page instead
         fit.error = f"unexpected {type(e).__name__}: {e}"
         warnings.warn(f"{fit.title}: {fit.error}", stacklevel=2)
     return fit
-
-
-def summary(model: Law, law: str, budget: float, unique_tokens: float | None, level: float = 0.95) -> dict[str, Any]:
-    """A fitted law as ``scaling.laws.fit_law`` returns it (the report keeps the model for its figures instead of
-    fitting twice): params, ci (with the optimum's bootstrap intervals), optimum at ``budget``, objective,
-    n_points, notes."""
-    limit = {"U": unique_tokens} if model.uses_unique_tokens else {}
-    optimum = model.optimum(budget, **limit)
-    ci = dict(model.ci_)
-    if model.bootstrap_ is not None:
-        rows = model.bootstrap_.to_dict("records")
-        draws = pd.DataFrame([model.optimum(budget, params=row, **limit) for row in rows])
-        ci.update(percentile_intervals(draws.drop(columns=["C", "U"], errors="ignore"), level))
-    finite = lambda values: {k: float(v) for k, v in values.items() if np.isfinite(v)}  # noqa: E731
-    return {"law": law, "params": finite(model.params_), "optimum": finite(optimum),
-            "ci": {k: [float(lo), float(hi)] for k, (lo, hi) in ci.items() if np.isfinite([lo, hi]).all()},
-            "objective": float(model.objective_), "n_points": int(model.n_points_), "notes": list(model.notes_)}
 
 
 def total_params_map(points: pd.DataFrame) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
@@ -453,11 +436,19 @@ def flags(data: SweepData, fits: list[Fit], save_error: str | None) -> list[str]
                 side = "below" if row["n_opt"] < sampled.min() else "above"
                 out.append(f"isoFLOP vertex outside the sampled range at {where}: N* = {plots.sci(row['n_opt'])} is "
                            f"{side} the sampled {span}; left out of the power-law fit")
-    optimum = ((named(fits, "sparsity") or Fit("", "", "")).result or {}).get("optimum", {})
+    fit = named(fits, "sparsity") or Fit("", "", "")
+    optimum = (fit.result or {}).get("optimum", {})
     levels = data.points["sparsity"]
-    if "S_star" in optimum and len(levels) and not levels.min() <= optimum["S_star"] <= levels.max():
-        out.append(f"the optimal sparsity S* = {optimum['S_star']:.3g} lies outside the sampled sparsities "
-                   f"{levels.min():g}–{levels.max():g}: an extrapolation of the sparsity-aware law")
+    if "S_star" in optimum and len(levels) and math.isclose(optimum["S_star"], levels.max(), abs_tol=1e-9):
+        out.append(f"the optimal sparsity S* = {optimum['S_star']:.3g} is the sparsest sampled: sparser models "
+                   "might be better still (sample more experts to find the optimum)")
+    if "N_active" in optimum and fit.model is not None:
+        lo, hi = fit.model.tokens_per_active_
+        n_lo, n_hi = (math.sqrt(optimum["C"] / (6 * r)) for r in (hi, lo))
+        if not n_lo * 1.02 < optimum["N_active"] < n_hi / 1.02:
+            out.append(f"the sparsity-aware law's optimum N_active = {plots.sci(optimum['N_active'])} lies at the "
+                       f"edge of the sizes its runs support at this budget ({plots.sci(n_lo)}–{plots.sci(n_hi)}, "
+                       f"{lo:.3g}–{hi:.3g} tokens per active parameter): the true optimum may lie beyond")
     return out
 
 

@@ -20,7 +20,7 @@ import pandas as pd
 from scaling.config import SweepConfig
 from scaling.executors import Executor, Handle, Task
 from scaling.grid import plan
-from scaling.store import ingest_all, ingest_run, mark, register_plan
+from scaling.store import StoreError, ingest_all, ingest_run, mark, register_plan
 
 DEFAULT_FLOPS_PER_S = 5e10
 
@@ -52,7 +52,7 @@ class SweepOutcome:
 def runs_to_do(con: duckdb.DuckDBPyConnection, sweep: str, retries: int) -> pd.DataFrame:
     """Runs that are not finished: never ``ok`` or ``diverged``, and failed ones only while attempts ≤ retries."""
     return con.execute("""
-        SELECT r.run_id, r.spec, r.run_dir, r.flops, r.status, r.attempts
+        SELECT r.run_id, r.spec, r.run_dir, r.flops, r.status, r.attempts, r.error
         FROM runs r JOIN sweep_runs s USING (run_id)
         WHERE s.sweep = ? AND r.status NOT IN ('ok', 'diverged')
           AND NOT (r.status = 'failed' AND r.attempts > ?)
@@ -78,7 +78,10 @@ def run_sweep(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, executor: Exec
               poll_s: float = 0.2) -> SweepOutcome:
     """Train every unfinished run of ``sweep`` and ingest each result as soon as it lands.
 
-    ``on_update`` receives progress events: {"event": "start"|"done"|"tick", ...}.
+    Runs a previous driver submitted and never collected (status ``running``) are first offered to the
+    executor's ``attach`` (Slurm: jobs still queued or running); only the others are submitted. On Ctrl-C the
+    executor is shut down, results that landed meanwhile are ingested and the runs still in flight are marked
+    ``interrupted``. ``on_update`` receives progress events: {"event": "start"|"done"|"tick", ...}.
     """
     runs = prepare(con, sweep, runs_dir)
     todo = runs_to_do(con, sweep.name, retries)
@@ -88,44 +91,83 @@ def run_sweep(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, executor: Exec
     done_flops = total_flops - float(todo.flops.sum())
     notify({"event": "start", "total": len(runs), "done": outcome.skipped, "total_flops": total_flops,
             "done_flops": done_flops, "todo": todo})
-    attempts = dict(zip(todo.run_id, todo.attempts, strict=True))
+    rows = {row["run_id"]: row for row in todo.to_dict("records")}
+    attempts = {run_id: int(row["attempts"]) for run_id, row in rows.items()}  # as in the store
     handles: list[Handle] = []
     try:
-        handles = submit(con, executor, todo.to_dict("records"))
+        handles = attach(executor, [rows[r] for r in rows if rows[r]["status"] == "running"])
+        attached = {h.task.run_id for h in handles}
+        handles += submit(con, executor, [row for r, row in rows.items() if r not in attached], attempts)
         while handles:
             time.sleep(poll_s)
             notify({"event": "tick", "running": [h.task for h in handles]})
-            still = []
-            for handle in handles:
+            for handle in list(handles):
                 if not handle.done():
-                    still.append(handle)
                     continue
                 task = handle.task
                 status = finish(con, handle)
-                attempts[task.run_id] += 1
+                handles.remove(handle)
                 outcome.counts[status] = outcome.counts.get(status, 0) + 1
                 if status == "ok":
                     outcome.trained.append(task.run_id)
-                row = todo.loc[todo.run_id == task.run_id].iloc[0]
-                notify({"event": "done", "run_id": task.run_id, "status": status, "flops": float(row.flops)})
+                notify({"event": "done", "run_id": task.run_id, "status": status,
+                        "flops": float(rows[task.run_id]["flops"])})
                 if status == "failed" and attempts[task.run_id] <= retries:
-                    still += submit(con, executor, [row.to_dict()])
-            handles = still
+                    handles += submit(con, executor, [rows[task.run_id]], attempts)
     except KeyboardInterrupt:
-        executor.shutdown(cancel=True)
-        for handle in handles:
-            if not handle.done():
-                mark(con, handle.task.run_id, "interrupted", "interrupted by the user")
+        interrupt(con, executor, handles, list(rows))
         outcome.interrupted = True
     return outcome
 
 
-def submit(con: duckdb.DuckDBPyConnection, executor: Executor, rows: list[dict]) -> list[Handle]:
-    tasks = [Task(run_id=r["run_id"], spec=json.loads(r["spec"]) if isinstance(r["spec"], str) else r["spec"],
-                  run_dir=r["run_dir"]) for r in rows]
+def attach(executor: Executor, rows: list[dict]) -> list[Handle]:
+    """Handles for runs a previous driver submitted that are still in flight, if the executor can tell."""
+    attach_to = getattr(executor, "attach", None)
+    if attach_to is None or not rows:
+        return []
+    return attach_to(tasks_of(rows))
+
+
+def submit(con: duckdb.DuckDBPyConnection, executor: Executor, rows: list[dict],
+           attempts: dict[str, int]) -> list[Handle]:
+    """Mark ``rows`` running (one more attempt each) and hand them to the executor; if it refuses them, they get
+    their previous status back and the error propagates."""
+    tasks = tasks_of(rows)
+    if not tasks:
+        return []
     for task in tasks:
         mark(con, task.run_id, "running", attempt=True)
-    return executor.submit(tasks) if tasks else []
+        attempts[task.run_id] += 1
+    try:
+        return executor.submit(tasks)
+    except Exception:
+        for row in rows:
+            con.execute("UPDATE runs SET status = ?, error = ?, attempts = attempts - 1 WHERE run_id = ?",
+                        [row["status"], row.get("error"), row["run_id"]])
+            attempts[row["run_id"]] -= 1
+        raise
+
+
+def tasks_of(rows: list[dict]) -> list[Task]:
+    return [Task(run_id=r["run_id"], spec=json.loads(r["spec"]) if isinstance(r["spec"], str) else r["spec"],
+                 run_dir=r["run_dir"]) for r in rows]
+
+
+def interrupt(con: duckdb.DuckDBPyConnection, executor: Executor, handles: list[Handle],
+              run_ids: list[str]) -> None:
+    """After Ctrl-C: stop the executor, keep what finished, mark what was still in flight ``interrupted``."""
+    try:
+        con.execute("ROLLBACK")  # an ingest that the interrupt cut short
+    except duckdb.TransactionException:
+        pass
+    try:
+        executor.shutdown(cancel=True)
+    finally:
+        for handle in handles:
+            if handle.done() and handle.outcome()[1] is None:
+                finish(con, handle)  # it finished before it could be stopped
+        con.execute("UPDATE runs SET status = 'interrupted', error = 'interrupted by the user' "
+                    "WHERE status = 'running' AND list_contains(?, run_id)", [run_ids])
 
 
 def finish(con: duckdb.DuckDBPyConnection, handle: Handle) -> str:
@@ -140,6 +182,10 @@ def finish(con: duckdb.DuckDBPyConnection, handle: Handle) -> str:
 
 def status_tables(con: duckdb.DuckDBPyConnection, sweep: str | None) -> dict[str, pd.DataFrame]:
     """Counts by status, failures with their first error line, slowest runs."""
+    if sweep and not con.execute("SELECT 1 FROM sweeps WHERE name = ?", [sweep]).fetchall():
+        known = [name for (name,) in con.execute("SELECT name FROM sweeps ORDER BY name").fetchall()]
+        raise StoreError(f"no sweep named {sweep!r} in this database "
+                         f"({'sweeps: ' + ', '.join(known) if known else 'it has no sweeps yet'})")
     where, args = ("WHERE s.sweep = ?", [sweep]) if sweep else ("", [])
     base = f"FROM runs r JOIN sweep_runs s USING (run_id) {where}"
     return {

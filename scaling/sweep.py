@@ -40,12 +40,13 @@ def execute_sweep(sweep: SweepConfig, db: str | None, runs_dir: Path, executor: 
             return None
         started = time.monotonic()
         with Reporter(sweep.name, runs_dir) as reporter:
-            outcome = run_sweep(con, sweep, make_executor(executor, runs_dir, workers, options or {}),
-                                runs_dir, retries=retries, on_update=reporter.update)
+            # Slurm options: the sweep file's [executor] table, overridden by the command line
+            backend = make_executor(executor, runs_dir, workers, {**sweep.executor, **(options or {})})
+            outcome = run_sweep(con, sweep, backend, runs_dir, retries=retries, on_update=reporter.update)
         minutes = (time.monotonic() - started) / 60
         if outcome.interrupted:
-            err(f"interrupted: finished runs are stored; rerun `scaling run {sweep.path or sweep.name}` to resume "
-                "(interrupted runs continue from their last checkpoint)")
+            err(f"interrupted: finished runs are stored; rerun `scaling run {sweep.path or sweep.name}` with the same "
+                "options to resume (interrupted runs continue from their last checkpoint)")
             sys.exit(130)
         counts = ", ".join(f"{n} {s}" for s, n in sorted(outcome.counts.items())) or "nothing to train"
         err(f"{sweep.name}: {counts}; {outcome.skipped} already done; {minutes:.1f} min")

@@ -5,6 +5,7 @@ contract with ``scaling.store``):
 
 - ``spec.json``: the spec and its run_id, written first.
 - ``log.txt``: human-readable progress lines, appended.
+- ``progress.json``: ``{"step", "steps"}``, replaced at every logged step (the sweep driver's per-run bar).
 - ``checkpoint.pt``: every ``save_every`` steps and on ``stop_after_steps`` (model, optimizer, step, RNG
   states, everything recorded so far, elapsed time); a new ``train_run`` resumes from it and ends exactly as
   an uninterrupted run would. Deleted once the run has finished (``ok`` or ``diverged``).
@@ -151,13 +152,26 @@ def keep_freed_memory() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
+def env_threads() -> int:
+    """``SCALING_THREADS`` (set by the executors for each worker), or 0 when unset."""
+    value = os.environ.get("SCALING_THREADS", "").strip()
+    if not value:
+        return 0
+    if not value.isdigit():
+        raise ValueError(f"SCALING_THREADS must be a whole number of threads, got {value!r}")
+    return int(value)
+
+
 def place(threads: int) -> Placement:
-    """CUDA if available, else CPU; joins the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    """CUDA if available, else CPU; joins the process group when launched by torchrun (WORLD_SIZE > 1).
+
+    CPU threads: ``threads`` (the spec's ``train.threads``), else ``SCALING_THREADS``, else this process's share
+    of the machine's cores."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     cuda = torch.cuda.is_available()
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
+    torch.set_num_threads(threads or env_threads() or max(1, (os.cpu_count() or 1) // local_world))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{local}" if cuda else "cpu")
@@ -359,6 +373,7 @@ class Run:
                     self.checkpoint_eval(step, sums)
                     sums = None
                 self.log(self.progress(step))
+                self.note_progress(step)
             if save:
                 rec.router_sums = sums.tolist() if sums is not None else None
                 self.save()
@@ -366,6 +381,11 @@ class Run:
             clock = time.perf_counter()
         if rec.step < total:
             rec.status, rec.error = "interrupted", f"stopped after step {rec.step} of {total}"
+
+    def note_progress(self, step: int) -> None:
+        if self.where.main:
+            data = json.dumps({"step": step, "steps": self.spec.steps}).encode()
+            write_atomic(self.dir / "progress.json", data)
 
     def progress(self, step: int) -> str:
         row, rec = self.record.metrics[-1], self.record
@@ -439,7 +459,8 @@ def train_in_place(spec: RunSpec, run_dir: Path, stop_after_steps: int | None) -
     resumed = run.resume()
     run.log(f"{'resuming at step ' + str(run.record.step) if resumed else 'starting'} run {spec.run_id}: "
             f"{spec.steps} steps, {run.model.num_params():,} params ({run.model.active_params():,} active), "
-            f"{where.world} process(es) on {where.device}")
+            f"{where.world} process(es) on {where.device}, {torch.get_num_threads()} CPU thread(s)")
+    run.note_progress(run.record.step)
     run.record.status, run.record.error = "ok", None
     run.record.wall_s += time.perf_counter() - started  # data and model set-up
     try:
