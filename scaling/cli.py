@@ -69,13 +69,14 @@ def grid(sweep_file: str, fmt: str, dropped: bool) -> None:
 @RUNS_DIR
 @click.option("--one", "one", default=None, help="train a single run from a JSON RunSpec (no store)")
 @click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", show_default=True)
-@click.option("--workers", type=int, default=1, show_default=True, help="local worker processes")
-@click.option("--max-parallel", type=int, default=None, help="slurm: array jobs running at once")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="local worker processes (each gets cores/workers threads)")
+@click.option("--max-parallel", type=click.IntRange(min=1), default=None, help="slurm: array jobs running at once")
 @click.option("--partition", default=None, help="slurm partition")
-@click.option("--time-min", type=int, default=None, help="slurm time limit per run (minutes)")
-@click.option("--cpus-per-task", type=int, default=None, help="slurm cpus per run")
-@click.option("--gpus-per-node", type=int, default=None, help="slurm gpus per run")
-@click.option("--retries", type=int, default=1, show_default=True, help="retries of failed runs")
+@click.option("--time-min", type=click.IntRange(min=1), default=None, help="slurm time limit per run (minutes)")
+@click.option("--cpus-per-task", type=click.IntRange(min=1), default=None, help="slurm cpus per run")
+@click.option("--gpus-per-node", type=click.IntRange(min=0), default=None, help="slurm gpus per run")
+@click.option("--retries", type=click.IntRange(min=0), default=1, show_default=True, help="retries of failed runs")
 @click.option("--dry-run", is_flag=True, help="print what would run, with FLOPs and estimated time")
 @click.option("--quick", is_flag=True, help="a reduced version of the sweep (smoke test)")
 @FORMAT

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import fcntl
+import io
 import json
 import os
 import pickle
@@ -33,7 +34,7 @@ import time
 import traceback
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -587,7 +588,8 @@ class SlurmExecutor:
             chunk = tasks[start:start + MAX_ARRAY]
             specs, run_dirs = [t.spec for t in chunk], [t.run_dir for t in chunk]
             try:
-                jobs = self.executor.map_array(SlurmTask(self.fn), specs, run_dirs)
+                with redirect_stderr(io.StringIO()):  # submitit echoes a refusing sbatch's stderr; exc has it
+                    jobs = self.executor.map_array(SlurmTask(self.fn), specs, run_dirs)
             except submitit.core.utils.FailedJobError as exc:
                 raise ExecutorError(f"sbatch refused {len(chunk)} jobs: {sbatch_reason(str(exc))} "
                                     "(does `sinfo` list a partition?)") from None
@@ -612,7 +614,7 @@ class SlurmExecutor:
             handle = SlurmHandle(task, submitit.SlurmJob(folder=self.folder, job_id=job_id), self.queue)
             state = self.queue.state(job_id)
             if state is None:
-                raise RuntimeError("squeue failed: cannot tell which runs are still queued or running")
+                raise ExecutorError("squeue failed: cannot tell which runs are still queued or running")
             ours = self.queue.stdout(job_id).startswith(str(self.folder))
             if handle.job.paths.result_pickle.exists() or (state in ACTIVE_STATES and ours):
                 handles.append(handle)

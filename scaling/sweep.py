@@ -35,24 +35,31 @@ def execute_sweep(sweep: SweepConfig, db: str | None, runs_dir: Path, executor: 
             plan = todo[["run_id", "status", "flops"]].assign(est_seconds=estimate_seconds(con, todo.flops))
             emit(plan, fmt, title=f"{len(todo)} runs would train")
             if fmt == "table":
-                err(f"total: {todo.flops.sum():.3g} FLOPs, about {plan.est_seconds.sum() / 60:.1f} minutes "
-                    f"with one worker")
+                err(f"total: {todo.flops.sum():.3g} FLOPs, about {duration(plan.est_seconds.sum())} of training "
+                    "with one worker")
             return None
         started = time.monotonic()
         with Reporter(sweep.name, runs_dir) as reporter:
             # Slurm options: the sweep file's [executor] table, overridden by the command line
             backend = make_executor(executor, runs_dir, workers, {**sweep.executor, **(options or {})})
             outcome = run_sweep(con, sweep, backend, runs_dir, retries=retries, on_update=reporter.update)
-        minutes = (time.monotonic() - started) / 60
+        elapsed = duration(time.monotonic() - started)
         if outcome.interrupted:
             err(f"interrupted: finished runs are stored; rerun `scaling run {sweep.path or sweep.name}` with the same "
                 "options to resume (interrupted runs continue from their last checkpoint)")
             sys.exit(130)
         counts = ", ".join(f"{n} {s}" for s, n in sorted(outcome.counts.items())) or "nothing to train"
-        err(f"{sweep.name}: {counts}; {outcome.skipped} already done; {minutes:.1f} min")
+        err(f"{sweep.name}: {counts}; {outcome.skipped} already done; {elapsed}")
         return outcome
     finally:
         con.close()
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``3.5 min`` or ``2.1 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 class Reporter:

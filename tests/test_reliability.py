@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import pytest
 
 from scaling.config import load_sweep
+from scaling.data import prepare
 from scaling.executors import LocalExecutor, available_cpus
 from scaling.grid import plan
 from scaling.runner import execute_locked, run_sweep
@@ -34,10 +35,21 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "sweeps" / "smoke.toml"
+REPO_CACHE = ROOT / "data" / "cache"
 WORKERS = max(2, available_cpus())  # one thread each
 TIMEOUT_S = 300  # for one driver to finish the sweep; on 2 busy cores it takes well under a minute
 STARTED = re.compile(r"starting run \w+: .*, (\d+) CPU thread\(s\)")
 RESUMED = re.compile(r"resuming at step (\d+) run")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shakespeare():
+    """The real corpus, prepared once into the repository's (git-ignored) cache, which drivers, workers and Slurm
+    jobs inherit through $SCALING_CACHE."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("SCALING_CACHE", str(REPO_CACHE))
+        prepare("shakespeare")
+        yield
 
 
 def smoke_runs() -> list[tuple[str, int]]:
@@ -239,6 +251,43 @@ def test_crashed_runs_are_recorded_failed_and_retried(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Preemption inside the trainer
+
+
+def test_trainer_lets_system_exit_through_and_resumes(tmp_path, monkeypatch):
+    """submitit ends a preempted or timed-out job with SystemExit from its SIGUSR2 handler, wherever training
+    is: the trainer must let it through without writing a result, and the requeued job resumes from the last
+    checkpoint to the same losses as an uninterrupted run."""
+    import torch
+
+    from scaling import train
+    from scaling.config import RunSpec
+
+    monkeypatch.setenv("SCALING_THREADS", "1")  # the executors' thread count reaches the trainer
+    runs = plan(load_sweep(SMOKE)).runs
+    spec: RunSpec = runs.sort_values("steps").spec.iloc[0]  # 66 steps, a checkpoint every 20
+    step = train.Run.step
+
+    def preempted_at_30(self, s):
+        if s == 30:
+            assert torch.get_num_threads() == 1
+            raise SystemExit(-1)
+        return step(self, s)
+
+    with monkeypatch.context() as m:
+        m.setattr(train.Run, "step", preempted_at_30)
+        with pytest.raises(SystemExit):
+            train.train_run(spec, tmp_path / "preempted")
+    assert not (tmp_path / "preempted" / "result.json").exists()
+    assert (tmp_path / "preempted" / "checkpoint.pt").exists()
+    resumed = train.train_run(spec, tmp_path / "preempted")
+    assert RESUMED.findall((tmp_path / "preempted" / "log.txt").read_text()) == ["20"]
+    straight = train.train_run(spec, tmp_path / "straight")
+    assert resumed["status"] == straight["status"] == "ok"
+    assert resumed["final_eval_loss"] == pytest.approx(straight["final_eval_loss"], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Ctrl-C
 
 
@@ -332,11 +381,16 @@ def preempt_mid_run(runs: Path, jobs: dict[str, str], driver: Driver) -> tuple[s
             if run_id in tried or not (run_dir / "checkpoint.pt").exists() or (run_dir / "result.json").exists():
                 continue
             tried.add(run_id)
-            if subprocess.run(["scancel", "--signal=USR2", job_id], capture_output=True).returncode != 0:
-                continue  # it had finished
+            # not waited for: once the job is requeued, scancel retries ("Job can not be altered now") for minutes
+            scancel = subprocess.Popen(["scancel", "--signal=USR2", job_id], stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
             signalled.append(job_id)
-            state = wait_until(lambda j=job_id: (s := squeue_state(j)) not in STOPPING and s, f"job {job_id} to stop",
-                               driver, timeout=60, poll=0.1)
+            try:
+                state = wait_until(lambda j=job_id: (s := squeue_state(j)) not in STOPPING and s,
+                                   f"job {job_id} to stop", driver, timeout=60, poll=0.1)
+            finally:
+                scancel.kill()
+                scancel.wait()
             if state == "PENDING" and not (run_dir / "result.json").exists():
                 return run_id, signalled
         time.sleep(0.01)
