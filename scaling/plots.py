@@ -347,7 +347,7 @@ def frontier_plot(vertices: pd.DataFrame | None, exponents: pd.DataFrame | None 
             + facet_wrap("quantity", scales="free_y")
             + log_x() + scale_y_log10(labels=log_labels)
             + labels.variant_colors(legend) + style((9.0, 6.0 + 0.2 * len(legend)), legend="bottom")
-            + guides(color=guide_legend(ncol=1), fill="none")
+            + guides(color=guide_legend(ncol=1), fill="none") + theme(legend_box="vertical")
             + labs(x="compute budget C (FLOPs, log scale)", y="compute-optimal N* or D* (log scale)", shape="",
                    linetype="", title="Compute-optimal frontier: isoFLOP vertices and power laws with 95% bands"))
     if lines:
