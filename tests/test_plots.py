@@ -6,22 +6,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+from synthetic import loss_law
 
 from scaling import plots
 
 BUDGETS = [1e11, 3e11, 1e12]
 VARIANTS = [(1, 1), (2, 1), (4, 1), (8, 1)]
 U = 500_000
-
-
-def loss_law(active: np.ndarray, total: np.ndarray, tokens: np.ndarray, unique: float,
-             sparsity: np.ndarray | float) -> np.ndarray:
-    """Chinchilla-like loss where total params help (N_eff = N·(total/N)^0.4), sparsity costs 0.03/(1 − S) and
-    repeated data counts less (Muennighoff et al.'s effective data, R* = 15): an interior optimal sparsity."""
-    repeats = np.maximum(tokens / unique - 1, 0)
-    effective = np.minimum(tokens, unique) + unique * 15 * (1 - np.exp(-repeats / 15))
-    return (1.2 + 50 / (active * (total / active) ** 0.4) ** 0.35 + 150 / effective**0.35
-            + 0.03 / (1 - np.asarray(sparsity)))
 
 
 def make_points(variants: list[tuple[int, int]] = VARIANTS, seed: int = 0) -> pd.DataFrame:

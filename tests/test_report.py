@@ -11,7 +11,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pytest
-from test_sql import SWEEP, build_store
+from synthetic import SWEEP, build_store
 
 from scaling import laws, report
 from scaling.laws import FitError
@@ -123,3 +123,18 @@ def test_report_renders_in_chromium(built, tmp_path):
     assert found, dom[-2000:]
     images = json.loads(found.group(1).replace("&quot;", '"'))
     assert images == {"total": len(FIGURES), "broken": []}
+
+
+def test_demo_fingerprint_changes_only_with_the_runs(tmp_path):
+    """The demo reuses its report while the sweep's runs are unchanged; a re-ingested run invalidates it."""
+    from scaling.demo import fingerprint
+    from scaling.store import connect, ingest_run
+
+    db = str(build_store(tmp_path, {**DENSE, "name": "fp"}, failed=0))
+    first = fingerprint(db, "fp", 8)
+    assert fingerprint(db, "fp", 8) == first and fingerprint(db, "fp", 9) != first
+    con = connect(db)
+    run_dir = next(iter((tmp_path / "runs").iterdir()))
+    ingest_run(con, run_dir)  # a newer copy of the same run: new ingest time
+    con.close()
+    assert fingerprint(db, "fp", 8) != first
