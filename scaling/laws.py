@@ -986,9 +986,7 @@ class Sparsity(_Parametric):
         theta = self._internal(params or self.params_)
         grid = np.linspace(0, self.s_max_, 101) if sparsities is None else np.asarray(sparsities, float)
         total = self.total_params or (lambda n, s: n / (1 - s))
-        if n_range is None:  # the fitted runs' tokens per active parameter, at this budget
-            lo, hi = self.tokens_per_active_
-            n_range = (math.sqrt(C / (6 * hi)), math.sqrt(C / (6 * lo)))
+        n_range = n_range or self.supported_sizes(C)
 
         def loss(n: np.ndarray, s: np.ndarray) -> np.ndarray:
             u = np.full(n.size, np.inf if U is None else U)
@@ -1001,12 +999,20 @@ class Sparsity(_Parametric):
         return {"C": float(C), "S_star": s_star, "N_active": n_active,
                 "N_total": float(total(np.array(n_active), np.array(s_star))), "D": d, **limits, "loss": best}
 
+    def supported_sizes(self, C: float) -> tuple[float, float]:
+        """The active sizes at budget C (C = 6·N_active·D) whose tokens per active parameter lie within the
+        fitted runs' range."""
+        lo, hi = self.tokens_per_active_
+        return math.sqrt(C / (6 * hi)), math.sqrt(C / (6 * lo))
+
     def _validate(self, data: dict) -> None:
         levels = np.unique(data["log_1ms"])
         if len(levels) < 2:
             raise FitError(f"{self.name} needs runs at 2 or more sparsities; all runs have "
                            f"S = {-math.expm1(levels[0]):g}")
         self.s_max_ = float(-np.expm1(levels.min()))
+        self.tokens_per_active_ = (float(np.nanmin(data["tokens_per_active"])),
+                                   float(np.nanmax(data["tokens_per_active"])))
 
     def _data(self, frame: pd.DataFrame, with_loss: bool) -> dict:
         names = ["params", "tokens", "sparsity"] + (["loss"] if with_loss else [])
@@ -1022,8 +1028,7 @@ class Sparsity(_Parametric):
             data["y"] = np.log(cols["loss"])
             active = (pd.to_numeric(frame["active_params"], errors="coerce").to_numpy(float)
                       if "active_params" in frame else cols["params"] * (1 - cols["sparsity"]))
-            ratio = cols["tokens"] / active
-            self.tokens_per_active_ = (float(np.nanmin(ratio)), float(np.nanmax(ratio)))
+            data["tokens_per_active"] = cols["tokens"] / active
         return data
 
     @staticmethod

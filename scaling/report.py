@@ -444,7 +444,7 @@ def flags(data: SweepData, fits: list[Fit], save_error: str | None) -> list[str]
                    "might be better still (sample more experts to find the optimum)")
     if "N_active" in optimum and fit.model is not None:
         lo, hi = fit.model.tokens_per_active_
-        n_lo, n_hi = (math.sqrt(optimum["C"] / (6 * r)) for r in (hi, lo))
+        n_lo, n_hi = fit.model.supported_sizes(optimum["C"])
         if not n_lo * 1.02 < optimum["N_active"] < n_hi / 1.02:
             out.append(f"the sparsity-aware law's optimum N_active = {plots.sci(optimum['N_active'])} lies at the "
                        f"edge of the sizes its runs support at this budget ({plots.sci(n_lo)}–{plots.sci(n_hi)}, "

@@ -482,6 +482,12 @@ def test_sparsity_optimum_conventions():
     assert opt["N_total"] == pytest.approx(opt["N_active"] / (1 - opt["S_star"]))
     assert opt["epochs"] == pytest.approx(opt["D"] / 3e9)
     assert 6 * opt["N_active"] * opt["D"] == pytest.approx(1e21)
+    # the search stays within the sizes the runs support at that budget (their tokens per active parameter)
+    ratio = frame["tokens"] / frame["active_params"]
+    lo, hi = law.supported_sizes(1e21)
+    assert (lo, hi) == pytest.approx((math.sqrt(1e21 / (6 * ratio.max())), math.sqrt(1e21 / (6 * ratio.min()))))
+    assert lo <= law.optimum(1e21, 3e9)["N_active"] <= hi
+    assert law.optimum(1e21, 3e9, n_range=(lo, lo * 1.01))["N_active"] == pytest.approx(lo, rel=0.011)
     custom = Sparsity(total_params=lambda n, s: n * (1 + 4 * s)).fit(frame)
     alt = custom.optimum(1e21, 3e9)
     assert alt["N_total"] == pytest.approx(alt["N_active"] * (1 + 4 * alt["S_star"]))
