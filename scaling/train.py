@@ -475,6 +475,8 @@ def train_in_place(spec: RunSpec, run_dir: Path, stop_after_steps: int | None) -
         run.write(result)
         run.log(f"{result['status']}: {result['steps']} steps, eval loss {result['final_eval_loss']}, "
                 f"{result['tokens_per_s']:,.0f} tok/s")
+    if where.world > 1:  # no rank leaves (and tears down its process group) while rank 0 still writes
+        dist.barrier()
     return {k: v for k, v in result.items() if k not in ("metrics", "router")}
 
 
