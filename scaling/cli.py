@@ -153,26 +153,39 @@ def sweep_name(sweep: str | None) -> str | None:
     return sweep
 
 
+def column_map(pairs: tuple[str, ...]) -> dict[str, str]:
+    """``("loss=val_loss", ...)`` -> ``{"loss": "val_loss", ...}``."""
+    bad = [p for p in pairs if p.count("=") != 1 or not all(p.split("="))]
+    if bad:
+        raise click.BadParameter(f"expected OURS=THEIRS, got {', '.join(map(repr, bad))}", param_hint="--column")
+    return dict(p.split("=") for p in pairs)
+
+
 @cli.command()
 @click.argument("sweep", required=False)
 @click.option("--law", type=click.Choice(["isoflop", "chinchilla", "data-constrained", "sparsity", "envelope"]),
               required=True)
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
               help="fit an external CSV (columns params, active_params, tokens, unique_tokens, sparsity, flops, loss)")
+@click.option("--column", "columns", multiple=True, metavar="OURS=THEIRS",
+              help="with --csv: read convention column OURS from the CSV's column THEIRS (repeatable), "
+                   "e.g. --column loss=val_loss")
 @click.option("--bootstrap", type=int, default=0, show_default=True, help="bootstrap resamples over runs")
 @click.option("--budget", type=float, default=None, help="FLOP budget C for the compute-optimal answer")
 @click.option("--unique-tokens", type=float, default=None, help="unique-token limit U for the answer")
 @click.option("--seed", type=int, default=0, show_default=True)
 @DB
 @FORMAT
-def fit(sweep: str | None, law: str, csv_path: str | None, bootstrap: int, budget: float | None,
-        unique_tokens: float | None, seed: int, db: str | None, fmt: str) -> None:
+def fit(sweep: str | None, law: str, csv_path: str | None, columns: tuple[str, ...], bootstrap: int,
+        budget: float | None, unique_tokens: float | None, seed: int, db: str | None, fmt: str) -> None:
     """Fit a scaling law to a sweep's runs (saved in the store) or to a CSV."""
     from scaling.fitting import fit_frame, fit_sweep, result_table
 
+    if columns and not csv_path:
+        raise click.UsageError("--column applies to --csv only")
     if csv_path:
-        result = fit_frame(csv_path, law, bootstrap=bootstrap, budget=budget, unique_tokens=unique_tokens,
-                           seed=seed)
+        result = fit_frame(csv_path, law, columns=column_map(columns), bootstrap=bootstrap, budget=budget,
+                           unique_tokens=unique_tokens, seed=seed)
     elif sweep:
         result = fit_sweep(db, sweep_name(sweep), law, bootstrap=bootstrap, budget=budget,
                            unique_tokens=unique_tokens, seed=seed)

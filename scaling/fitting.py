@@ -30,12 +30,20 @@ def complete_columns(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def fit_frame(csv_path: str | Path, law: str, **options: Any) -> dict[str, Any]:
-    """Fit a law to an external CSV with the shared column convention."""
+def fit_frame(csv_path: str | Path, law: str, columns: dict[str, str] | None = None,
+              **options: Any) -> dict[str, Any]:
+    """Fit a law to an external CSV with the shared column convention.
+
+    ``columns`` maps convention names to the CSV's own (``{"loss": "val_loss"}``) for files exported elsewhere."""
     try:
         frame = pd.read_csv(csv_path)
     except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
         raise FitError(f"cannot read {csv_path}: {e}") from None
+    missing = [theirs for theirs in (columns or {}).values() if theirs not in frame]
+    if missing:
+        raise FitError(f"{csv_path} has no column {', '.join(map(repr, missing))} "
+                       f"(columns: {', '.join(frame.columns)})")
+    frame = frame.rename(columns={theirs: ours for ours, theirs in (columns or {}).items()})
     if "loss" not in frame:
         raise FitError(f"{csv_path} has no 'loss' column (columns: {', '.join(frame.columns)})")
     return fit_law(complete_columns(frame), law, **options)

@@ -595,6 +595,20 @@ def test_cli_fit_csv_json_and_one_line_errors(tmp_path, monkeypatch, capsys):
         assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (name, err)
 
 
+def test_cli_fit_csv_reads_a_published_file_through_column_mapping(monkeypatch, capsys):
+    """The raw Epoch file, unchanged: ``--column`` maps its own headers onto the convention (tokens = C/(6N))."""
+    raw = str(PUBLISHED / "chinchilla_epoch_svg_extracted.csv")
+    code, out, err = scaling_cli(monkeypatch, capsys, "fit", "--csv", raw, "--law", "chinchilla", "--format", "json",
+                                 "--column", "params=Model Size", "--column", "flops=Training FLOP")
+    assert code == 0 and err == "", err
+    result = json.loads(out)
+    assert result["n_points"] == 245 and 1.5 < result["params"]["E"] < 2.1
+    for args, needle in ((["--column", "loss=val_loss"], "has no column 'val_loss'"),
+                         (["--column", "loss"], "expected OURS=THEIRS")):
+        code, out, err = scaling_cli(monkeypatch, capsys, "fit", "--csv", raw, "--law", "chinchilla", *args)
+        assert code != 0 and out == "" and needle in err and "Traceback" not in err, err
+
+
 def test_non_converged_fit_is_a_fit_error(monkeypatch):
     frame = chinchilla_sweep(CHINCHILLA, np.random.default_rng(0))
     real = laws.newton
