@@ -170,22 +170,25 @@ def column_map(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--column", "columns", multiple=True, metavar="OURS=THEIRS",
               help="with --csv: read convention column OURS from the CSV's column THEIRS (repeatable), "
                    "e.g. --column loss=val_loss")
+@click.option("--where", default=None, metavar="SQL",
+              help="with --csv: fit only the rows matching this SQL condition on the CSV's own columns")
 @click.option("--bootstrap", type=int, default=0, show_default=True, help="bootstrap resamples over runs")
 @click.option("--budget", type=float, default=None, help="FLOP budget C for the compute-optimal answer")
 @click.option("--unique-tokens", type=float, default=None, help="unique-token limit U for the answer")
 @click.option("--seed", type=int, default=0, show_default=True)
 @DB
 @FORMAT
-def fit(sweep: str | None, law: str, csv_path: str | None, columns: tuple[str, ...], bootstrap: int,
-        budget: float | None, unique_tokens: float | None, seed: int, db: str | None, fmt: str) -> None:
+def fit(sweep: str | None, law: str, csv_path: str | None, columns: tuple[str, ...], where: str | None,
+        bootstrap: int, budget: float | None, unique_tokens: float | None, seed: int, db: str | None,
+        fmt: str) -> None:
     """Fit a scaling law to a sweep's runs (saved in the store) or to a CSV."""
     from scaling.fitting import fit_frame, fit_sweep, result_table
 
-    if columns and not csv_path:
-        raise click.UsageError("--column applies to --csv only")
+    if (columns or where) and not csv_path:
+        raise click.UsageError("--column and --where apply to --csv only")
     if csv_path:
-        result = fit_frame(csv_path, law, columns=column_map(columns), bootstrap=bootstrap, budget=budget,
-                           unique_tokens=unique_tokens, seed=seed)
+        result = fit_frame(csv_path, law, columns=column_map(columns), where=where, bootstrap=bootstrap,
+                           budget=budget, unique_tokens=unique_tokens, seed=seed)
     elif sweep:
         result = fit_sweep(db, sweep_name(sweep), law, bootstrap=bootstrap, budget=budget,
                            unique_tokens=unique_tokens, seed=seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 import pandas as pd
 
@@ -30,15 +31,34 @@ def complete_columns(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def fit_frame(csv_path: str | Path, law: str, columns: dict[str, str] | None = None,
-              **options: Any) -> dict[str, Any]:
-    """Fit a law to an external CSV with the shared column convention.
-
-    ``columns`` maps convention names to the CSV's own (``{"loss": "val_loss"}``) for files exported elsewhere."""
+def read_points(csv_path: str | Path, where: str | None = None) -> pd.DataFrame:
+    """A CSV's rows, optionally only those matching ``where`` (a DuckDB SQL condition on its columns)."""
     try:
         frame = pd.read_csv(csv_path)
     except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
         raise FitError(f"cannot read {csv_path}: {e}") from None
+    if where is None:
+        return frame
+    con = duckdb.connect()
+    try:
+        con.register("points", frame)
+        selected = con.execute(f"SELECT * FROM points WHERE {where}").df()
+    except duckdb.Error as e:
+        raise FitError(f"--where {where!r}: {str(e).splitlines()[0]}") from None
+    finally:
+        con.close()
+    if selected.empty:
+        raise FitError(f"--where {where!r} selects none of the {len(frame)} rows of {csv_path}")
+    return selected
+
+
+def fit_frame(csv_path: str | Path, law: str, columns: dict[str, str] | None = None, where: str | None = None,
+              **options: Any) -> dict[str, Any]:
+    """Fit a law to an external CSV with the shared column convention.
+
+    ``columns`` maps convention names to the CSV's own (``{"loss": "val_loss"}``) for files exported elsewhere;
+    ``where`` keeps the rows matching a SQL condition on the CSV's own columns."""
+    frame = read_points(csv_path, where)
     missing = [theirs for theirs in (columns or {}).values() if theirs not in frame]
     if missing:
         raise FitError(f"{csv_path} has no column {', '.join(map(repr, missing))} "

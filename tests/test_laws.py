@@ -609,6 +609,23 @@ def test_cli_fit_csv_reads_a_published_file_through_column_mapping(monkeypatch, 
         assert code != 0 and out == "" and needle in err and "Traceback" not in err, err
 
 
+def test_cli_fit_csv_where_selects_rows(monkeypatch, capsys):
+    """``--where`` keeps one study's curated points of a multi-study file: the same fit as selecting in pandas."""
+    path = str(PUBLISHED / "open_athena_isoflops_transform.csv")
+    code, out, err = scaling_cli(monkeypatch, capsys, "fit", "--csv", path, "--law", "isoflop", "--format", "json",
+                                 "--where", "source = 'epochai_chinchilla' AND NOT outlier", "--column", "flops=budget")
+    assert code == 0 and err == "", err
+    points = pd.read_csv(path)
+    points = points[(points["source"] == "epochai_chinchilla") & ~points["outlier"]]
+    expected = IsoFLOP(x="params").fit(points)
+    result = json.loads(out)
+    assert result["n_points"] == len(points)
+    assert result["params"]["a"] == pytest.approx(expected.params_["a"], rel=1e-9)
+    for where, needle in (("sauce = 1", "sauce"), ("source = 'none'", "selects none of the 947 rows")):
+        code, out, err = scaling_cli(monkeypatch, capsys, "fit", "--csv", path, "--law", "isoflop", "--where", where)
+        assert code == 1 and out == "" and needle in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_non_converged_fit_is_a_fit_error(monkeypatch):
     frame = chinchilla_sweep(CHINCHILLA, np.random.default_rng(0))
     real = laws.newton
