@@ -949,6 +949,29 @@ def _huber_dispersion(resid: np.ndarray, delta: float) -> float:
 # ---------------------------------------------------------------------------------------- sparsity
 
 
+def total_params_from_runs(points: pd.DataFrame) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """Total params from active params N and sparsity S, as the runs' own architecture has them.
+
+    With top-k routing the E − k idle experts hold S/(1 − S) times the active expert params, so
+    total = N·(1 + φ(N)·S/(1 − S)), φ(N) the share of active params in routed experts, fitted linear in log N
+    over the MoE runs (Abnar et al.'s N/(1 − S) takes φ = 1, which overstates small models' totals: their
+    embeddings and attention are shared). Abnar et al.'s N/(1 − S) without MoE runs to learn φ from.
+    """
+    moe = points[points["sparsity"] > 0].drop_duplicates(["sparsity", "active_params"])
+    if moe.empty:
+        return lambda n, s: n / (1 - s)
+    s = moe["sparsity"].to_numpy(float)
+    share = (moe["params"] / moe["active_params"] - 1).to_numpy(float) * (1 - s) / s
+    log_n = np.log(moe["active_params"].to_numpy(float))
+    slope, icpt = np.polyfit(log_n, share, 1) if len(np.unique(log_n)) > 1 else (0.0, float(share.mean()))
+
+    def total(n: np.ndarray, sparsity: np.ndarray) -> np.ndarray:
+        phi = np.clip(icpt + slope * np.log(n), 0.0, 1.0)
+        return n * (1 + phi * sparsity / (1 - sparsity))
+
+    return total
+
+
 class Sparsity(_Parametric):
     """Sparsity-aware law of Abnar et al. (2025), their Eq. 6:
     L(N, D, S) = e + a/N^α + b/D^β + c/(1−S)^λ + d/((1−S)^δ·N^γ), N = total params, S = sparsity.
@@ -957,8 +980,9 @@ class Sparsity(_Parametric):
     missing or infinite U repeat nothing. R_D* is frozen at their 15.388 by default, because the repetition
     penalty is weakly identified even on their 182 runs and a sweep fitting ten other parameters cannot pin it
     down; ``r_d_star=None`` fits it (start grid ``grid["log_R_D_star"]``). ``total_params(n_active, s)`` maps
-    active to total params in ``optimum`` (default N_active/(1 − S): S is the fraction of inactive parameters,
-    Abnar et al.'s convention).
+    active to total params in ``optimum``; by default it is learnt from the fitted runs' own params and
+    active_params (``total_params_from_runs``), which is Abnar et al.'s N_active/(1 − S) when every parameter
+    is in a routed expert.
     """
 
     name = "Sparsity"
@@ -975,6 +999,11 @@ class Sparsity(_Parametric):
         super().__init__(frozen={**pinned, **(frozen or {})}, **options)
         self.total_params = total_params
 
+    def fit(self, frame: pd.DataFrame) -> Sparsity:
+        super().fit(frame)
+        self.total_params_ = self.total_params or total_params_from_runs(frame)
+        return self
+
     def optimum(self, C: float, U: float | None = None, sparsities: Sequence[float] | None = None,
                 params: dict[str, float] | None = None,
                 n_range: tuple[float, float] | None = None) -> dict[str, float]:
@@ -985,7 +1014,7 @@ class Sparsity(_Parametric):
         N_total, D, epochs = D/U and loss."""
         theta = self._internal(params or self.params_)
         grid = np.linspace(0, self.s_max_, 101) if sparsities is None else np.asarray(sparsities, float)
-        total = self.total_params or (lambda n, s: n / (1 - s))
+        total = self.total_params_
         n_range = n_range or self.supported_sizes(C)
 
         def loss(n: np.ndarray, s: np.ndarray) -> np.ndarray:

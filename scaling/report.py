@@ -177,7 +177,7 @@ def fit_all(data: SweepData, bootstrap: int, budget: float, unique_tokens: float
         fits.append(run_fit(Fit("chinchilla", "Chinchilla approach 3, dense runs", f"{SELECTION_SQL} AND sparsity = 0"),
                             dense, bootstrap, budget))
     fits.append(run_fit(Fit("sparsity", "sparsity-aware (Abnar et al. 2025), all runs", SELECTION_SQL), points,
-                        bootstrap, budget, unique_tokens, total_params=total_params_map(points)))
+                        bootstrap, budget, unique_tokens))
     fits.append(run_fit(Fit("envelope", "loss envelope and effective compute per sparsity", SELECTION_SQL), points,
                         bootstrap, budget))
     return fits
@@ -198,29 +198,6 @@ def run_fit(fit: Fit, frame: pd.DataFrame, bootstrap: int, budget: float, unique
         fit.error = f"unexpected {type(e).__name__}: {e}"
         warnings.warn(f"{fit.title}: {fit.error}", stacklevel=2)
     return fit
-
-
-def total_params_map(points: pd.DataFrame) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
-    """Total params of this sweep's architecture from active params N and sparsity S, for the sparsity law's optimum.
-
-    With top-k routing the E − k idle experts hold S/(1 − S) times the active expert params, so
-    total = N·(1 + φ(N)·S/(1 − S)), φ(N) the share of active params in routed experts, fitted linear in log N
-    over the MoE runs (Abnar et al.'s N/(1 − S) takes φ = 1, which overstates small models' totals: their
-    embeddings and attention are shared). None without MoE runs.
-    """
-    moe = points[points["sparsity"] > 0].drop_duplicates(["sparsity", "active_params"])
-    if moe.empty:
-        return None
-    s = moe["sparsity"].to_numpy(float)
-    share = (moe["params"] / moe["active_params"] - 1).to_numpy(float) * (1 - s) / s
-    log_n = np.log(moe["active_params"].to_numpy(float))
-    slope, icpt = np.polyfit(log_n, share, 1) if len(np.unique(log_n)) > 1 else (0.0, float(share.mean()))
-
-    def total(n: np.ndarray, sparsity: np.ndarray) -> np.ndarray:
-        phi = np.clip(icpt + slope * np.log(n), 0.0, 1.0)
-        return n * (1 + phi * sparsity / (1 - sparsity))
-
-    return total
 
 
 def save_fits(db: str | None, sweep: str, fits: list[Fit]) -> str | None:

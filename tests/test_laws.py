@@ -488,6 +488,11 @@ def test_sparsity_optimum_conventions():
     assert (lo, hi) == pytest.approx((math.sqrt(1e21 / (6 * ratio.max())), math.sqrt(1e21 / (6 * ratio.min()))))
     assert lo <= law.optimum(1e21, 3e9)["N_active"] <= hi
     assert law.optimum(1e21, 3e9, n_range=(lo, lo * 1.01))["N_active"] == pytest.approx(lo, rel=0.011)
+    # by default totals follow the runs' own architecture: here half of each active parameter count is shared
+    shared = frame.assign(params=frame["active_params"] * (1 + 0.5 * frame["sparsity"] / (1 - frame["sparsity"])))
+    learnt = Sparsity(grid={k: v[:1] for k, v in laws.SPARSITY_GRID.items()} | {"log_a": [5.0, 6.0]}).fit(shared)
+    opt = learnt.optimum(1e21, 3e9, sparsities=[0.75])
+    assert opt["N_total"] == pytest.approx(opt["N_active"] * 2.5)
     custom = Sparsity(total_params=lambda n, s: n * (1 + 4 * s)).fit(frame)
     alt = custom.optimum(1e21, 3e9)
     assert alt["N_total"] == pytest.approx(alt["N_active"] * (1 + 4 * alt["S_star"]))
