@@ -171,7 +171,10 @@ def column_map(pairs: tuple[str, ...]) -> dict[str, str]:
               help="with --csv: read convention column OURS from the CSV's column THEIRS (repeatable), "
                    "e.g. --column loss=val_loss")
 @click.option("--where", default=None, metavar="SQL",
-              help="with --csv: fit only the rows matching this SQL condition on the CSV's own columns")
+              help="fit only the rows matching this SQL condition (on the CSV's own columns, or on the store's "
+                   "isoflop_points view)")
+@click.option("--sparsity", type=float, default=None,
+              help="fit only the runs at this sparsity S (isoflop, chinchilla and data-constrained fit one S)")
 @click.option("--bootstrap", type=int, default=0, show_default=True, help="bootstrap resamples over runs")
 @click.option("--budget", type=float, default=None, help="FLOP budget C for the compute-optimal answer")
 @click.option("--unique-tokens", type=float, default=None, help="unique-token limit U for the answer")
@@ -179,19 +182,19 @@ def column_map(pairs: tuple[str, ...]) -> dict[str, str]:
 @DB
 @FORMAT
 def fit(sweep: str | None, law: str, csv_path: str | None, columns: tuple[str, ...], where: str | None,
-        bootstrap: int, budget: float | None, unique_tokens: float | None, seed: int, db: str | None,
-        fmt: str) -> None:
+        sparsity: float | None, bootstrap: int, budget: float | None, unique_tokens: float | None, seed: int,
+        db: str | None, fmt: str) -> None:
     """Fit a scaling law to a sweep's runs (saved in the store) or to a CSV."""
     from scaling.fitting import fit_frame, fit_sweep, result_table
 
-    if (columns or where) and not csv_path:
-        raise click.UsageError("--column and --where apply to --csv only")
+    if columns and not csv_path:
+        raise click.UsageError("--column applies to --csv only")
+    options = dict(where=where, sparsity=sparsity, bootstrap=bootstrap, budget=budget, unique_tokens=unique_tokens,
+                   seed=seed)
     if csv_path:
-        result = fit_frame(csv_path, law, columns=column_map(columns), where=where, bootstrap=bootstrap,
-                           budget=budget, unique_tokens=unique_tokens, seed=seed)
+        result = fit_frame(csv_path, law, columns=column_map(columns), **options)
     elif sweep:
-        result = fit_sweep(db, sweep_name(sweep), law, bootstrap=bootstrap, budget=budget,
-                           unique_tokens=unique_tokens, seed=seed)
+        result = fit_sweep(db, sweep_name(sweep), law, **options)
     else:
         raise click.UsageError("give a SWEEP (from the store) or --csv PATH")
     if fmt == "json":

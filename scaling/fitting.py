@@ -12,7 +12,7 @@ import pandas as pd
 from scaling.laws import FitError, fit_law
 from scaling.store import connect, save_fit
 
-POINTS_SQL = "SELECT * FROM isoflop_points WHERE sweep = ? AND loss IS NOT NULL ORDER BY budget, active_params"
+ONE_SPARSITY = ("isoflop", "chinchilla", "data-constrained")  # the laws that know nothing of sparsity
 
 
 def complete_columns(frame: pd.DataFrame) -> pd.DataFrame:
@@ -42,9 +42,7 @@ def read_points(csv_path: str | Path, where: str | None = None) -> pd.DataFrame:
     con = duckdb.connect()
     try:
         con.register("points", frame)
-        selected = con.execute(f"SELECT * FROM points WHERE {where}").df()
-    except duckdb.Error as e:
-        raise FitError(f"--where {where!r}: {str(e).splitlines()[0]}") from None
+        selected = query(con, f"SELECT * FROM points WHERE {where}", [], where)
     finally:
         con.close()
     if selected.empty:
@@ -52,12 +50,19 @@ def read_points(csv_path: str | Path, where: str | None = None) -> pd.DataFrame:
     return selected
 
 
+def query(con: duckdb.DuckDBPyConnection, sql: str, args: list, where: str | None) -> pd.DataFrame:
+    try:
+        return con.execute(sql, args).df()
+    except duckdb.Error as e:
+        raise FitError(f"--where {where!r}: {str(e).splitlines()[0]}") from None
+
+
 def fit_frame(csv_path: str | Path, law: str, columns: dict[str, str] | None = None, where: str | None = None,
-              **options: Any) -> dict[str, Any]:
+              sparsity: float | None = None, **options: Any) -> dict[str, Any]:
     """Fit a law to an external CSV with the shared column convention.
 
     ``columns`` maps convention names to the CSV's own (``{"loss": "val_loss"}``) for files exported elsewhere;
-    ``where`` keeps the rows matching a SQL condition on the CSV's own columns."""
+    ``where`` keeps the rows matching a SQL condition on the CSV's own columns; ``sparsity`` keeps one S."""
     frame = read_points(csv_path, where)
     missing = [theirs for theirs in (columns or {}).values() if theirs not in frame]
     if missing:
@@ -66,26 +71,67 @@ def fit_frame(csv_path: str | Path, law: str, columns: dict[str, str] | None = N
     frame = frame.rename(columns={theirs: ours for ours, theirs in (columns or {}).items()})
     if "loss" not in frame:
         raise FitError(f"{csv_path} has no 'loss' column (columns: {', '.join(frame.columns)})")
-    return fit_law(complete_columns(frame), law, **options)
+    frame = complete_columns(frame)
+    if sparsity is not None:
+        kept = frame[np.isclose(frame["sparsity"], sparsity, rtol=0, atol=1e-6)]
+        if kept.empty:
+            raise FitError(f"{csv_path} has no rows at sparsity {sparsity:g} "
+                           f"(it has {levels(frame['sparsity'])})")
+        frame = kept
+    return fit_law(one_sparsity(frame, law, csv_path), law, **options)
 
 
-def sweep_points(db: str | None, sweep: str) -> pd.DataFrame:
-    con = connect(db, read_only=True)
-    try:
-        frame = con.execute(POINTS_SQL, [sweep]).df()
-    finally:
-        con.close()
-    if frame.empty:
-        raise FitError(f"sweep {sweep!r} has no finished runs in the store (run `scaling run` first)")
+def levels(sparsity: pd.Series) -> str:
+    return ", ".join(f"{s:g}" for s in sorted(sparsity.dropna().unique()))
+
+
+def one_sparsity(frame: pd.DataFrame, law: str, source: str | Path) -> pd.DataFrame:
+    """The points, unless ``law`` knows nothing of sparsity and they mix several levels."""
+    if law in ONE_SPARSITY and frame["sparsity"].nunique() > 1:
+        raise FitError(f"the {law} law fits one sparsity at a time and {source} has runs at sparsities "
+                       f"{levels(frame['sparsity'])}: choose one with --sparsity (or fit --law sparsity or "
+                       "envelope, which model sparsity)")
     return frame
 
 
-def fit_sweep(db: str | None, sweep: str, law: str, **options: Any) -> dict[str, Any]:
-    """Fit a law to a sweep's finished runs and save it in the ``fits`` table."""
-    result = fit_law(sweep_points(db, sweep), law, **options)
+def points_sql(where: str | None = None, sparsity: float | None = None) -> str:
+    """The store query behind a fit of one sweep's finished runs (the sweep's name is its one parameter)."""
+    conditions = ["sweep = ?", "loss IS NOT NULL"]
+    if sparsity is not None:
+        conditions.append(f"abs(sparsity - {float(sparsity)!r}) < 1e-6")
+    if where:
+        conditions.append(f"({where})")
+    return f"SELECT * FROM isoflop_points WHERE {' AND '.join(conditions)} ORDER BY budget, active_params"
+
+
+def sweep_points(db: str | None, sweep: str, where: str | None = None,
+                 sparsity: float | None = None) -> pd.DataFrame:
+    """A sweep's finished runs from the store's ``isoflop_points`` view, optionally selected by a SQL
+    condition on its columns and by sparsity."""
+    con = connect(db, read_only=True)
+    try:
+        frame = query(con, points_sql(where, sparsity), [sweep], where)
+        every = query(con, points_sql(), [sweep], None) if frame.empty else frame
+    finally:
+        con.close()
+    if every.empty:
+        raise FitError(f"sweep {sweep!r} has no finished runs in the store (run `scaling run` first)")
+    if frame.empty:
+        chosen = " and ".join(x for x in (where and f"--where {where!r}",
+                                           sparsity is not None and f"--sparsity {sparsity:g}") if x)
+        raise FitError(f"{chosen} selects none of sweep {sweep!r}'s {len(every)} finished runs "
+                       f"(sparsities: {levels(every['sparsity'])})")
+    return frame
+
+
+def fit_sweep(db: str | None, sweep: str, law: str, where: str | None = None, sparsity: float | None = None,
+              **options: Any) -> dict[str, Any]:
+    """Fit a law to a sweep's finished runs (optionally selected) and save it in the ``fits`` table."""
+    frame = one_sparsity(sweep_points(db, sweep, where, sparsity), law, f"sweep {sweep!r}")
+    result = fit_law(frame, law, **options)
     con = connect(db)
     try:
-        save_fit(con, sweep, result, selection=f"{POINTS_SQL.replace('?', repr(sweep))}")
+        save_fit(con, sweep, result, selection=points_sql(where, sparsity).replace("?", repr(sweep)))
     finally:
         con.close()
     return result

@@ -732,3 +732,31 @@ def test_envelope_recovers_random_multipliers():
                                     for s in (0.5, 0.75, 0.875)}
         results.append((truth, family(law.bootstrap_, truth)))
     assert_recovered(results)
+
+
+def test_cli_fit_sweep_fits_one_sparsity_at_a_time(tmp_path, monkeypatch, capsys):
+    """A sweep of dense and MoE runs: the sparsity-blind laws refuse the mixture (naming the levels), fit one
+    level given by --sparsity or --where, and record the selection in the fits table."""
+    from synthetic import SMALL, build_store
+
+    from scaling.config import parse_sweep
+    from scaling.grid import plan
+
+    db = str(build_store(tmp_path, SMALL, failed=0))
+    code, out, err = scaling_cli(monkeypatch, capsys, "fit", "small", "--law", "isoflop", "--db", db)
+    assert code == 1 and out == "" and "sparsities 0, 0.75: choose one with --sparsity" in err
+    fits = {}
+    for args in (["--sparsity", "0.75"], ["--where", "sparsity > 0.5"]):
+        code, out, err = scaling_cli(monkeypatch, capsys, "fit", "small", "--law", "isoflop", "--db", db,
+                                     "--format", "json", *args)
+        assert code == 0, err
+        fits[args[0]] = json.loads(out)
+    assert fits["--sparsity"]["params"] == fits["--where"]["params"]
+    assert fits["--sparsity"]["n_points"] == len(plan(parse_sweep(SMALL)).runs.query("sparsity == 0.75"))
+    code, out, err = scaling_cli(monkeypatch, capsys, "fit", "small", "--law", "isoflop", "--db", db,
+                                 "--sparsity", "0.5")
+    assert code == 1 and "selects none of sweep 'small'" in err and "(sparsities: 0, 0.75)" in err
+    code, out, err = scaling_cli(monkeypatch, capsys, "sql", "SELECT selection FROM fits ORDER BY created_at",
+                                 "--db", db, "--format", "json")
+    selections = [row["selection"] for row in json.loads(out)]
+    assert "abs(sparsity - 0.75) < 1e-6" in selections[0] and "(sparsity > 0.5)" in selections[1]
