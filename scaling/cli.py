@@ -100,8 +100,10 @@ def run(sweep_file: str | None, db: str | None, runs_dir: str | None, one: str |
     options = {k: v for k, v in dict(partition=partition, time_min=time_min, cpus_per_task=cpus_per_task,
                                      gpus_per_node=gpus_per_node, max_parallel=max_parallel).items()
                if v is not None}
-    execute_sweep(sweep, db, runs_root(runs_dir), executor=executor, workers=workers, options=options,
-                  retries=retries, dry_run=dry_run, fmt=fmt)
+    outcome = execute_sweep(sweep, db, runs_root(runs_dir), executor=executor, workers=workers, options=options,
+                            retries=retries, dry_run=dry_run, fmt=fmt)
+    if outcome is not None and outcome.failed:
+        sys.exit(1)  # the summary said which runs failed; finished ones are stored
 
 
 def run_one(spec_json: str, runs_dir: str | None) -> None:

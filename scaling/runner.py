@@ -41,16 +41,31 @@ def execute_locked(spec: dict, run_dir: str) -> dict:
         return execute(spec, run_dir)
 
 
+CONTINUED = ("running", "interrupted")  # a resubmitted run in these states continues its attempt
+
+
 @dataclass
 class SweepOutcome:
+    """``counts``: final status of each run trained now; ``skipped``: runs already finished (ok or diverged);
+    ``exhausted``: failed runs left alone because they used up their retries; ``failed``: the sweep's failed runs
+    at the end."""
+
     counts: dict[str, int] = field(default_factory=dict)
     trained: list[str] = field(default_factory=list)
     skipped: int = 0
+    exhausted: int = 0
+    failed: int = 0
     interrupted: bool = False
 
 
+def count_status(con: duckdb.DuckDBPyConnection, sweep: str, statuses: tuple[str, ...]) -> int:
+    return con.execute("SELECT count(*) FROM runs r JOIN sweep_runs s USING (run_id) "
+                       "WHERE s.sweep = ? AND list_contains(?, r.status)", [sweep, list(statuses)]).fetchall()[0][0]
+
+
 def runs_to_do(con: duckdb.DuckDBPyConnection, sweep: str, retries: int) -> pd.DataFrame:
-    """Runs that are not finished: never ``ok`` or ``diverged``, and failed ones only while attempts ≤ retries."""
+    """Runs that are not finished: never ``ok`` or ``diverged``, and failed ones only while attempts ≤ retries
+    (an attempt is a submission that started the run afresh; resuming an interrupted run continues its attempt)."""
     return con.execute("""
         SELECT r.run_id, r.spec, r.run_dir, r.flops, r.status, r.attempts, r.error
         FROM runs r JOIN sweep_runs s USING (run_id)
@@ -85,11 +100,12 @@ def run_sweep(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, executor: Exec
     """
     runs = prepare(con, sweep, runs_dir)
     todo = runs_to_do(con, sweep.name, retries)
-    outcome = SweepOutcome(skipped=len(runs) - len(todo))
+    skipped = count_status(con, sweep.name, ("ok", "diverged"))
+    outcome = SweepOutcome(skipped=skipped, exhausted=len(runs) - len(todo) - skipped)
     notify = on_update or (lambda event: None)
     total_flops = float(runs.flops.sum())
     done_flops = total_flops - float(todo.flops.sum())
-    notify({"event": "start", "total": len(runs), "done": outcome.skipped, "total_flops": total_flops,
+    notify({"event": "start", "total": len(runs), "done": len(runs) - len(todo), "total_flops": total_flops,
             "done_flops": done_flops, "todo": todo})
     rows = {row["run_id"]: row for row in todo.to_dict("records")}
     attempts = {run_id: int(row["attempts"]) for run_id, row in rows.items()}  # as in the store
@@ -107,16 +123,20 @@ def run_sweep(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, executor: Exec
                 task = handle.task
                 status = finish(con, handle)
                 handles.remove(handle)
-                outcome.counts[status] = outcome.counts.get(status, 0) + 1
+                rows[task.run_id] = {**rows[task.run_id], "status": status}
+                retry = status == "failed" and attempts[task.run_id] <= retries
+                if not retry:
+                    outcome.counts[status] = outcome.counts.get(status, 0) + 1
                 if status == "ok":
                     outcome.trained.append(task.run_id)
-                notify({"event": "done", "run_id": task.run_id, "status": status,
+                notify({"event": "retry" if retry else "done", "run_id": task.run_id, "status": status,
                         "flops": float(rows[task.run_id]["flops"])})
-                if status == "failed" and attempts[task.run_id] <= retries:
+                if retry:
                     handles += submit(con, executor, [rows[task.run_id]], attempts)
     except KeyboardInterrupt:
         interrupt(con, executor, handles, list(rows))
         outcome.interrupted = True
+    outcome.failed = count_status(con, sweep.name, ("failed",))
     return outcome
 
 
@@ -130,21 +150,23 @@ def attach(executor: Executor, rows: list[dict]) -> list[Handle]:
 
 def submit(con: duckdb.DuckDBPyConnection, executor: Executor, rows: list[dict],
            attempts: dict[str, int]) -> list[Handle]:
-    """Mark ``rows`` running (one more attempt each) and hand them to the executor; if it refuses them, they get
-    their previous status back and the error propagates."""
+    """Mark ``rows`` running (one more attempt each, unless it resumes an interrupted one) and hand them to the
+    executor; if it refuses them, they get their previous status and attempt count back and the error
+    propagates."""
     tasks = tasks_of(rows)
     if not tasks:
         return []
+    fresh = {row["run_id"]: row["status"] not in CONTINUED or attempts[row["run_id"]] == 0 for row in rows}
     for task in tasks:
-        mark(con, task.run_id, "running", attempt=True)
-        attempts[task.run_id] += 1
+        mark(con, task.run_id, "running", attempt=fresh[task.run_id])
+        attempts[task.run_id] += fresh[task.run_id]
     try:
         return executor.submit(tasks)
     except Exception:
         for row in rows:
-            con.execute("UPDATE runs SET status = ?, error = ?, attempts = attempts - 1 WHERE run_id = ?",
-                        [row["status"], row.get("error"), row["run_id"]])
-            attempts[row["run_id"]] -= 1
+            con.execute("UPDATE runs SET status = ?, error = ?, attempts = attempts - ? WHERE run_id = ?",
+                        [row["status"], row.get("error"), int(fresh[row["run_id"]]), row["run_id"]])
+            attempts[row["run_id"]] -= fresh[row["run_id"]]
         raise
 
 

@@ -49,7 +49,11 @@ def execute_sweep(sweep: SweepConfig, db: str | None, runs_dir: Path, executor: 
                 "options to resume (interrupted runs continue from their last checkpoint)")
             sys.exit(130)
         counts = ", ".join(f"{n} {s}" for s, n in sorted(outcome.counts.items())) or "nothing to train"
-        err(f"{sweep.name}: {counts}; {outcome.skipped} already done; {elapsed}")
+        exhausted = f"; {outcome.exhausted} failed before, retries used up" if outcome.exhausted else ""
+        err(f"{sweep.name}: {counts}; {outcome.skipped} already done{exhausted}; {elapsed}")
+        if outcome.failed:
+            err(f"{outcome.failed} run(s) failed: `scaling status {sweep.name}` shows why; rerun with a larger "
+                "--retries to try them again")
         return outcome
     finally:
         con.close()
@@ -92,6 +96,9 @@ class Reporter:
             self.total_flops, self.done_flops = event["total_flops"], event["done_flops"]
             self.sweep_task = self.progress.add_task(self.name, total=self.total, completed=self.n_done,
                                                      info=self.flops_info())
+        elif kind == "retry":
+            if not self.live:
+                print(f"[{self.n_done}/{self.total}] {event['run_id']} failed, retrying", file=sys.stderr)
         elif kind == "done":
             self.n_done += 1
             self.done_flops += event["flops"]

@@ -1,0 +1,106 @@
+"""The driver's bookkeeping with a scripted executor: attempts, retries, what counts as done, progress events.
+
+The runs' files are the synthetic ones of ``synthetic.write_run`` (as the trainer writes them) and the store is a
+real DuckDB file; only the executor is scripted, so that every path through the retry logic is exercised in
+milliseconds. The reliability tests do the same with real training and real crashes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from synthetic import POSITIONS, SMALL, write_run
+
+from scaling.config import parse_sweep
+from scaling.executors import Task
+from scaling.grid import plan
+from scaling.runner import run_sweep
+from scaling.store import connect
+
+SWEEP = parse_sweep(SMALL)
+RUNS = {run["run_id"]: run for run in plan(SWEEP).runs.to_dict("records")}
+
+
+@dataclass
+class Scripted:
+    """Each submission of a run takes the next action of its script ("ok", "fail" or "ctrl-c"); runs without a
+    script succeed."""
+
+    scripts: dict[str, list[str]]
+    submitted: list[str] = field(default_factory=list)
+
+    def submit(self, tasks: list[Task]) -> list:
+        self.submitted += [t.run_id for t in tasks]
+        return [Done(t, (self.scripts.get(t.run_id) or ["ok"]).pop(0)) for t in tasks]
+
+    def shutdown(self, cancel: bool) -> None:
+        pass
+
+
+@dataclass
+class Done:
+    task: Task
+    action: str
+
+    def done(self) -> bool:
+        if self.action == "ctrl-c":
+            self.action = "interrupted"
+            raise KeyboardInterrupt
+        return self.action != "interrupted"
+
+    def outcome(self) -> tuple[dict | None, str | None]:
+        if self.action == "fail":
+            return None, "RuntimeError: scripted failure"
+        rng = np.random.default_rng(0)
+        write_run(Path(self.task.run_dir), RUNS[self.task.run_id], rng, rng.gamma(2.0, 1.0, POSITIONS))
+        return {"status": "ok"}, None
+
+
+def attempts(db: Path, run_id: str) -> tuple[str, int]:
+    con = connect(db, read_only=True)
+    try:
+        return con.execute("SELECT status, attempts FROM runs WHERE run_id = ?", [run_id]).fetchall()[0]
+    finally:
+        con.close()
+
+
+def sweep_pass(db: Path, executor: Scripted, retries: int = 1, events: list | None = None):
+    con = connect(db)
+    try:
+        return run_sweep(con, SWEEP, executor, db.parent / "runs", retries=retries, poll_s=0,
+                         on_update=(events.append if events is not None else None))
+    finally:
+        con.close()
+
+
+def test_resuming_an_interrupted_run_continues_its_attempt(tmp_path):
+    """Ctrl-C, then a failure: the failure is the run's first attempt, so --retries 1 still retries it."""
+    db = tmp_path / "results.duckdb"
+    victim = next(iter(RUNS))
+    first = sweep_pass(db, Scripted({victim: ["ctrl-c"]}))
+    assert first.interrupted and attempts(db, victim) == ("interrupted", 1)
+
+    executor = Scripted({victim: ["fail", "fail"]})
+    events: list[dict] = []
+    second = sweep_pass(db, executor, events=events)
+    assert executor.submitted.count(victim) == 2 and attempts(db, victim) == ("failed", 2)
+    assert second.counts["failed"] == 1 and second.failed == 1
+    assert [e["event"] for e in events if e.get("run_id") == victim] == ["retry", "done"]
+    done = [e for e in events if e["event"] == "done"]
+    start = events[0]
+    assert start["done"] + len(done) == start["total"] == len(RUNS)  # progress never passes the total
+
+
+def test_failed_runs_out_of_retries_are_not_counted_done(tmp_path):
+    db = tmp_path / "results.duckdb"
+    victim = next(iter(RUNS))
+    sweep_pass(db, Scripted({victim: ["fail", "fail"]}), retries=1)
+    assert attempts(db, victim) == ("failed", 2)
+    executor = Scripted({})
+    again = sweep_pass(db, executor, retries=1)
+    assert executor.submitted == [] and again.counts == {}
+    assert (again.skipped, again.exhausted, again.failed) == (len(RUNS) - 1, 1, 1)
+    more = sweep_pass(db, executor, retries=2)  # a larger --retries tries it again
+    assert executor.submitted == [victim] and more.counts == {"ok": 1} and more.failed == 0
