@@ -112,6 +112,13 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.warmup_frac < 1 or not 0 <= self.min_lr_frac <= 1 or not 0 < self.decay_frac <= 1:
             raise ConfigError("train.warmup_frac, min_lr_frac and decay_frac must be fractions in [0, 1]")
+        if not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
+            raise ConfigError(f"train.beta1 and beta2 must lie in [0, 1), got {self.beta1}, {self.beta2}")
+        for name in ("weight_decay", "threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.grad_clip <= 0:
+            raise ConfigError(f"train.grad_clip must be positive, got {self.grad_clip}")
 
 
 @dataclass(frozen=True)
@@ -203,6 +210,12 @@ class Sizes:
     tokens_per_param: float = 20.0
     center: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.count < 1 or self.span < 1 or self.tokens_per_param <= 0 or self.center < 0:
+            raise ConfigError(f"sizes: count must be >= 1, span >= 1, tokens_per_param > 0 and center >= 0 "
+                              f"(0: from tokens_per_param), got count={self.count}, span={self.span}, "
+                              f"tokens_per_param={self.tokens_per_param}, center={self.center}")
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -211,6 +224,11 @@ class Shape:
     ffn_mult: int = 4
     max_layers: int = 24
     min_d_model: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("aspect_ratio", "head_dim", "ffn_mult", "max_layers", "min_d_model"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"shape.{name} must be positive, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -252,6 +270,20 @@ def positive(value: Any, key: str) -> float:
     return value
 
 
+def whole(value: Any, key: str) -> int:
+    """A positive whole number (``8`` or ``8.0``, not ``2.5``)."""
+    if not float(positive(value, key)).is_integer():
+        raise ConfigError(f"{key} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def table(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key} must be a table ([{key}]), got {value!r}")
+    return value
+
+
 def number_list(value: Any, key: str) -> tuple[float, ...]:
     if not isinstance(value, list) or not value:
         raise ConfigError(f"{key} must be a non-empty list of numbers, got {value!r}")
@@ -266,8 +298,11 @@ def parse_variants(section: Any) -> tuple[Variant, ...]:
     top_k = section.get("top_k", 1)
     if "experts" in section and "levels" in section:
         raise ConfigError("sparsity: give either 'experts' or 'levels', not both")
+    for key in ("experts", "levels"):
+        if key in section and (not isinstance(section[key], list) or not section[key]):
+            raise ConfigError(f"sparsity.{key} must be a non-empty list, got {section[key]!r}")
     if "experts" in section:
-        experts = [int(positive(e, "sparsity.experts")) for e in section["experts"]]
+        experts = [whole(e, "sparsity.experts") for e in section["experts"]]
     elif "levels" in section:
         experts = []
         for s in section["levels"]:
@@ -285,13 +320,20 @@ def parse_variants(section: Any) -> tuple[Variant, ...]:
         raise ConfigError("sparsity.top_k as a list must have one entry per expert count")
     variants = []
     for e, k in zip(experts, ks, strict=True):
-        k = int(positive(k, "sparsity.top_k"))
+        k = whole(k, "sparsity.top_k")
         if e == 1:
             k = 1
         if k > e:
             raise ConfigError(f"sparsity: top_k={k} exceeds experts={e}")
         variants.append(Variant(e, k))
     return tuple(dict.fromkeys(variants))
+
+
+def seed_list(value: Any, key: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value):
+        raise ConfigError(f"{key} must be a non-empty list of non-negative integers, got {value!r}")
+    return tuple(value)
 
 
 def parse_sweep(raw: dict[str, Any], path: str = "") -> SweepConfig:
@@ -303,22 +345,26 @@ def parse_sweep(raw: dict[str, Any], path: str = "") -> SweepConfig:
     name = raw["name"]
     if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
         raise ConfigError(f"name must be a plain identifier (letters, digits, - and _), got {name!r}")
-    sizes_raw = raw.get("sizes", {})
-    shape_raw = raw.get("shape", {})
-    model_raw = raw.get("model", {})
-    if not isinstance(model_raw, dict):
-        raise ConfigError("model must be a table")
+    sizes_raw, shape_raw, model_raw = table(raw, "sizes"), table(raw, "shape"), table(raw, "model")
     check_keys(model_raw, MODEL_OVERRIDES, "model")
     build(ModelConfig, {k: v for k, v in model_raw.items()}, "model")
-    train_raw = dict(raw.get("train", {}))
+    train_raw = dict(table(raw, "train"))
     lr_ref = train_raw.pop("lr_ref_width", 0)
-    repeat = raw.get("repeat", {})
+    if isinstance(lr_ref, bool) or not isinstance(lr_ref, int) or lr_ref < 0:
+        raise ConfigError(f"train.lr_ref_width must be a whole number of channels >= 0 (0: off), got {lr_ref!r}")
+    repeat = table(raw, "repeat")
     check_keys(repeat, ["seeds", "budgets"], "repeat")
-    executor = raw.get("executor", {})
+    executor = table(raw, "executor")
     check_keys(executor, EXECUTOR_KEYS, "executor")
-    seeds = raw.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
-        raise ConfigError(f"seeds must be a non-empty list of non-negative integers, got {seeds!r}")
+    for key, value in executor.items():
+        if key == "partition" and not isinstance(value, str):
+            raise ConfigError(f"executor.partition must be a string, got {value!r}")
+        if key != "partition":
+            whole(value, f"executor.{key}")
+    seeds = seed_list(raw.get("seeds", [0]), "seeds")
+    repeat_seeds = seed_list(repeat["seeds"], "repeat.seeds") if "seeds" in repeat else ()
+    if not isinstance(raw.get("corpus", ""), str):
+        raise ConfigError(f"corpus must be a name or a path (a string), got {raw['corpus']!r}")
     tokenizer = raw.get("tokenizer", "byte")
     if tokenizer not in ("byte", "bpe"):
         raise ConfigError(f"tokenizer must be 'byte' or 'bpe', got {tokenizer!r}")
@@ -336,14 +382,14 @@ def parse_sweep(raw: dict[str, Any], path: str = "") -> SweepConfig:
         context=int(positive(raw.get("context", 128), "context")),
         max_epochs=float(positive(raw.get("max_epochs", 100.0), "max_epochs")),
         min_steps=int(positive(raw.get("min_steps", 100), "min_steps")),
-        seeds=tuple(seeds),
-        repeat_seeds=tuple(int(s) for s in repeat.get("seeds", [])),
+        seeds=seeds,
+        repeat_seeds=repeat_seeds,
         repeat_budgets=tuple(number_list(repeat["budgets"], "repeat.budgets")) if "budgets" in repeat else (),
         sizes=build(Sizes, sizes_raw, "sizes"),
         shape=build(Shape, shape_raw, "shape"),
         model=dict(model_raw),
         train=build(TrainConfig, train_raw, "train"),
-        lr_ref_width=int(lr_ref),
+        lr_ref_width=lr_ref,
         executor=dict(executor),
         path=path,
     )
@@ -362,8 +408,6 @@ def load_sweep(path: str | Path) -> SweepConfig:
         sweep = parse_sweep(raw, str(path))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    if sweep.sizes.count <= 0 or sweep.sizes.span < 1 or sweep.sizes.tokens_per_param <= 0:
-        raise ConfigError(f"{path}: sizes.count must be positive, sizes.span >= 1, sizes.tokens_per_param > 0")
     return sweep
 
 

@@ -69,6 +69,35 @@ def test_ids_stable_across_runs_and_key_order(tmp_path):
     assert not set(ids_a) & set(plan(load_sweep(c)).runs.run_id)
 
 
+TOP = 'name = "x"\nunique_tokens = 1000\nbudgets = [1e11]\n'
+OK_SPARSITY = "[sparsity]\nexperts = [1]\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    (TOP + "[sparsity]\nexperts = 8\n", "sparsity.experts must be a non-empty list"),
+    (TOP + "[sparsity]\nlevels = 0.5\n", "sparsity.levels must be a non-empty list"),
+    (TOP + "[sparsity]\nexperts = [2.5]\n", "sparsity.experts must be a whole number"),
+    (TOP + "repeat = 5\n" + OK_SPARSITY, "repeat must be a table"),
+    (TOP + "train = 5\n" + OK_SPARSITY, "train must be a table"),
+    (TOP + "corpus = 3\n" + OK_SPARSITY, "corpus must be a name or a path"),
+    (TOP + "seeds = [true]\n" + OK_SPARSITY, "seeds must be a non-empty list"),
+    (TOP + OK_SPARSITY + "[repeat]\nseeds = ['a']\n", "repeat.seeds must be a non-empty list"),
+    (TOP + OK_SPARSITY + "[train]\nlr_ref_width = 'x'\n", "train.lr_ref_width must be a whole number"),
+    (TOP + OK_SPARSITY + "[train]\nlr_ref_width = -5\n", "train.lr_ref_width must be a whole number"),
+    (TOP + OK_SPARSITY + "[train]\nweight_decay = -0.1\n", "train.weight_decay must be >= 0"),
+    (TOP + OK_SPARSITY + "[train]\ngrad_clip = 0\n", "train.grad_clip must be positive"),
+    (TOP + OK_SPARSITY + "[shape]\nhead_dim = 0\n", "shape.head_dim must be positive"),
+    (TOP + OK_SPARSITY + "[shape]\naspect_ratio = -3\n", "shape.aspect_ratio must be positive"),
+    (TOP + OK_SPARSITY + "[shape]\nffn_mult = 0\n", "shape.ffn_mult must be positive"),
+    (TOP + OK_SPARSITY + "[sizes]\ncenter = -1\n", "center >= 0"),
+    (TOP + OK_SPARSITY + "[executor]\npartition = 3\n", "executor.partition must be a string"),
+    (TOP + OK_SPARSITY + "[executor]\ncpus_per_task = 1.5\n", "executor.cpus_per_task must be a whole number"),
+])
+def test_bad_values_are_one_clear_error(tmp_path, text, message):
+    """Wrong types and impossible values: a ConfigError naming the file and the key, never a traceback."""
+    assert_rejected(tmp_path, text, message)
+
+
 @pytest.mark.parametrize("text, message", [
     ('name = "x"\nbudgets = [1e11\n', "malformed TOML"),
     ('name = "x"\nunique_tokens = 1000\nbudgets = [1e11]\nbudgts = 3\n[sparsity]\nexperts=[1]\n',
@@ -81,6 +110,10 @@ def test_ids_stable_across_runs_and_key_order(tmp_path):
     ('name = "x"\nunique_tokens = 1000\nbudgets = [1e11]\n[sparsity]\nlevels=[0.3]\n', "whole number"),
 ])
 def test_bad_sweep_files(tmp_path, text, message):
+    assert_rejected(tmp_path, text, message)
+
+
+def assert_rejected(tmp_path, text: str, message: str) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(text)
     with pytest.raises(ConfigError) as info:
