@@ -59,6 +59,9 @@ def model_config(d_model: int, n_layers: int, variant: Variant, sweep: SweepConf
     }, "model")
 
 
+BUDGET_TOLERANCE = 0.01  # a run's FLOPs lie within 1% of its budget
+
+
 def target_sizes(budget: float, sweep: SweepConfig) -> np.ndarray:
     """Active-param targets log-spaced over ``span`` around the estimated optimum sqrt(C / (6·tokens_per_param))
     (Chinchilla's ~20 tokens/param) or around ``sizes.center`` x that estimate when given."""
@@ -81,10 +84,16 @@ def plan(sweep: SweepConfig) -> Plan:
         ):
             seeds += [s for s in sweep.repeat_seeds if s not in seeds]
         for variant in sweep.variants:
-            shapes = {}
+            shapes: dict = {}
             for target in target_sizes(budget, sweep):
                 cfg = shape_for(target, variant, sweep)
-                shapes.setdefault(cfg, target)
+                if cfg in shapes:
+                    dropped.append({"budget": budget, "sparsity": variant.sparsity, "n_experts": variant.n_experts,
+                                    "top_k": variant.top_k, "d_model": cfg.d_model, "n_layers": cfg.n_layers,
+                                    "target_active": target, "reason": "duplicate shape of a nearby size (the shape "
+                                    "rules' head_dim, min_d_model or max_layers allow no other)"})
+                    continue
+                shapes[cfg] = target
             for cfg, target in shapes.items():
                 fpt = train_flops_per_token(cfg)
                 steps = round(budget / (fpt * batch_tokens))
@@ -93,6 +102,10 @@ def plan(sweep: SweepConfig) -> Plan:
                 point = {"budget": budget, "sparsity": variant.sparsity, "n_experts": variant.n_experts,
                          "top_k": variant.top_k, "d_model": cfg.d_model, "n_layers": cfg.n_layers,
                          "target_active": target, "steps": steps, "epochs": epochs}
+                if steps and abs(fpt * tokens / budget - 1) > BUDGET_TOLERANCE:
+                    dropped.append({**point, "reason": f"budget missed by more than {BUDGET_TOLERANCE:.0%} "
+                                    "(too few steps to round to)"})
+                    continue
                 if steps < sweep.min_steps:
                     dropped.append({**point, "reason": f"fewer than min_steps={sweep.min_steps} steps"})
                     continue

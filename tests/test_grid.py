@@ -50,7 +50,8 @@ def test_grid_invariants(budgets, experts, unique, max_epochs, count):
     assert (runs.epochs <= max_epochs + 1e-9).all()
     assert ((runs.epochs - runs.tokens / runs.unique_tokens).abs() < 1e-12).all()
     assert set(runs.sparsity) <= {(e - 1) / e for e in experts}
-    assert len(p.dropped) == 0 or set(p.dropped.reason.str.split(" ").str[0]) <= {"fewer", "more"}
+    reasons = {"fewer", "more", "duplicate", "budget"}
+    assert len(p.dropped) == 0 or set(p.dropped.reason.str.split(" ").str[0]) <= reasons
 
 
 def test_ids_stable_across_runs_and_key_order(tmp_path):
@@ -120,6 +121,19 @@ def assert_rejected(tmp_path, text: str, message: str) -> None:
         plan(load_sweep(path))
     assert message in str(info.value)
     assert "bad.toml" in str(info.value)
+
+
+def test_budget_tolerance_and_capped_shapes_are_reported():
+    """Runs too short to land within 1% of their budget, and sizes the shape rules collapse onto one shape, are
+    dropped with their reason, never silently kept or merged."""
+    p = plan(parse_sweep(base(budgets=[2e10], min_steps=1, sparsity={"experts": [1]}, sizes={"count": 5, "span": 8.0},
+                              shape={"head_dim": 8, "min_d_model": 8}, train={"batch_size": 128})))
+    assert (abs(p.runs.flops / p.runs.budget - 1) <= 0.01).all()
+    assert p.dropped.reason.str.startswith("budget missed").any()
+    capped = plan(parse_sweep(base(budgets=[1e20], unique_tokens=10**13, sparsity={"experts": [1]}, sizes={"count": 5},
+                                   shape={"head_dim": 8, "max_layers": 4})))
+    assert len(capped.runs) + (capped.dropped.reason.str.startswith("duplicate shape")).sum() == 5
+    assert capped.dropped.reason.str.startswith("duplicate shape").any()
 
 
 def test_levels_and_repeat_seeds():
