@@ -25,6 +25,8 @@ import ctypes
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -182,6 +184,46 @@ def place(threads: int) -> Placement:
     return Placement(device, dist.get_rank() if world > 1 else 0, world)
 
 
+class HeldSignals:
+    """SIGUSR2 (Slurm's warning before a timeout or preemption, submitit's requeue signal) and SIGTERM (a shutdown)
+    are held until the current step is done, so that the run can checkpoint exactly where it is; ``deliver`` then
+    restores the previous handlers (submitit's requeue, or the default) and sends the signal again.
+
+    Only a single process in its main thread holds signals: data-parallel ranks would checkpoint at different steps.
+    """
+
+    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+    def __init__(self, active: bool) -> None:
+        self.active = active and threading.current_thread() is threading.main_thread()
+        self.pending: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> HeldSignals:
+        if self.active:
+            self.previous = {sig: signal.signal(sig, self.hold) for sig in self.SIGNALS}
+        return self
+
+    def hold(self, signum: int, frame: Any) -> None:
+        self.pending = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is None and self.pending is not None:
+            self.deliver()
+        self.restore()
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def deliver(self) -> None:
+        sig, self.pending = self.pending, None
+        self.restore()
+        if sig is not None:
+            os.kill(os.getpid(), sig)
+
+
 def all_mean(t: Tensor, where: Placement) -> Tensor:
     if where.world > 1:
         dist.all_reduce(t)
@@ -238,6 +280,7 @@ class Run:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if where.device.type == "cuda"
                          else contextlib.nullcontext())
         self.record = Record()
+        self.signals = HeldSignals(active=False)
 
     @property
     def checkpoint(self) -> Path:
@@ -359,8 +402,9 @@ class Run:
             sums = self.add_router(stats, sums)
             rec.router_count += bool(stats)
             step = s + 1
+            held = self.signals.pending
             boundary = step % train.log_every == 0 or step in evals or step == total
-            save = step < total and (step % train.save_every == 0 or step == end)
+            save = step < total and (step % train.save_every == 0 or step == end or held is not None)
             if not (boundary or save):
                 continue
             self.bank(values, clock)
@@ -379,6 +423,9 @@ class Run:
                 self.save()
             rec.wall_s += time.perf_counter() - clock
             clock = time.perf_counter()
+            if held is not None and step < total:
+                self.log(f"checkpointed at step {step} on {signal.Signals(held).name}")
+                self.signals.deliver()
         if rec.step < total:
             rec.status, rec.error = "interrupted", f"stopped after step {rec.step} of {total}"
 
@@ -464,7 +511,8 @@ def train_in_place(spec: RunSpec, run_dir: Path, stop_after_steps: int | None) -
     run.record.status, run.record.error = "ok", None
     run.record.wall_s += time.perf_counter() - started  # data and model set-up
     try:
-        run.loop(stop_after_steps)
+        with HeldSignals(active=where.world == 1) as run.signals:
+            run.loop(stop_after_steps)
     except KeyboardInterrupt:
         run.record.status, run.record.error = "interrupted", "interrupted by the user"
         if where.main:

@@ -287,6 +287,43 @@ def test_trainer_lets_system_exit_through_and_resumes(tmp_path, monkeypatch):
     assert resumed["final_eval_loss"] == pytest.approx(straight["final_eval_loss"], abs=1e-6)
 
 
+def test_preemption_signal_checkpoints_where_the_run_is(tmp_path, monkeypatch):
+    """SIGUSR2 (Slurm's warning before preemption or timeout) mid-step: the trainer finishes the step, checkpoints
+    there, then hands the signal to the handler that was installed before it (submitit's, which requeues and
+    exits: here one that exits); the requeued run resumes from that step, not from the last periodic checkpoint,
+    to the same losses as an uninterrupted run."""
+    from scaling import train
+    from scaling.config import RunSpec
+
+    monkeypatch.setenv("SCALING_THREADS", "1")
+    spec: RunSpec = plan(load_sweep(SMOKE)).runs.sort_values("steps").spec.iloc[0]  # 66 steps, checkpoints every 20
+    step = train.Run.step
+
+    def signalled_at_30(self, s):
+        if s == 30:
+            os.kill(os.getpid(), signal.SIGUSR2)  # arrives while step 30 runs
+        return step(self, s)
+
+    def requeue(signum, frame):
+        raise SystemExit(-1)
+
+    previous = signal.signal(signal.SIGUSR2, requeue)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(train.Run, "step", signalled_at_30)
+            with pytest.raises(SystemExit):
+                train.train_run(spec, tmp_path / "preempted")
+        assert signal.getsignal(signal.SIGUSR2) is requeue  # the trainer's hold is gone
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    run_log = (tmp_path / "preempted" / "log.txt").read_text()
+    assert "checkpointed at step 31 on SIGUSR2" in run_log and not (tmp_path / "preempted" / "result.json").exists()
+    resumed = train.train_run(spec, tmp_path / "preempted")
+    assert RESUMED.findall((tmp_path / "preempted" / "log.txt").read_text()) == ["31"]
+    straight = train.train_run(spec, tmp_path / "straight")
+    assert resumed["final_eval_loss"] == pytest.approx(straight["final_eval_loss"], abs=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Ctrl-C
 
@@ -332,9 +369,10 @@ def test_ctrl_c_marks_running_runs_interrupted_and_says_how_to_resume(tmp_path):
     finally:
         rerun.stop()
     assert_all_ok(runs_table(db), runs)
-    for run_id in with_checkpoint:
+    for run_id in with_checkpoint:  # stopped by the driver's SIGTERM: checkpointed where they were, resumed there
         resumed = RESUMED.findall(log(runs, run_id))
-        assert len(resumed) == 1 and int(resumed[0]) >= 20, log(runs, run_id)
+        held = re.findall(r"checkpointed at step (\d+) on SIGTERM", log(runs, run_id))
+        assert len(resumed) == 1 and resumed == held, log(runs, run_id)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -369,9 +407,10 @@ STOPPING = ("RUNNING", "COMPLETING", "CONFIGURING", "SIGNALING", "REQUEUED")
 
 def preempt_mid_run(runs: Path, jobs: dict[str, str], driver: Driver) -> tuple[str, list[str]]:
     """Send SIGUSR2, Slurm's warning before preemption or the time limit, to a job whose run has written a
-    checkpoint and not finished. submitit's handler requeues the job and exits the task (SystemExit through the
-    trainer). A run may finish before the signal lands; then the next one is tried. Returns the preempted run
-    and every job signalled (all requeued: Slurm holds requeued jobs for a while, see ``release``)."""
+    checkpoint and not finished. The trainer checkpoints at the end of its step, then submitit's handler requeues
+    the job and exits the task (SystemExit through the trainer). A run may finish before the signal lands; then
+    the next one is tried. Returns the preempted run and every job signalled (all requeued: Slurm holds requeued
+    jobs for a while, see ``release``)."""
     signalled: list[str] = []
     tried: set[str] = set()
     deadline = time.monotonic() + 120
@@ -439,7 +478,8 @@ def test_slurm_sweep_matches_local_and_survives_preemption_and_restart(slurm_clu
     one_thread_each(runs, table)
     text = log(runs, preempted)
     resumed = RESUMED.findall(text)
-    assert len(resumed) == 1 and int(resumed[0]) >= 20, text
+    held = re.findall(r"checkpointed at step (\d+) on SIGUSR2", text)  # where the signal found it, not step 20
+    assert len(resumed) == 1 and resumed == held, text
     local = runs_table(killed_and_rerun.db)
     for run_id, row in table.items():
         for column in ("final_eval_loss", "final_train_loss"):
