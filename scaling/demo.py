@@ -58,12 +58,21 @@ def run_demo(db: str | None, runs_dir: Path, out: Path | None, quick: bool = Fal
     return answer
 
 
+def code_version() -> str:
+    """A hash of the package's source: the fits and figures are its output."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
 def fingerprint(db: str | None, sweep: str, bootstrap: int) -> str:
-    """What the report depends on: the sweep's finished runs (ids and ingest times) and the bootstrap size."""
+    """What the report depends on: the sweep's finished runs (ids and ingest times), the bootstrap size and the
+    code that fits and draws them."""
     con = connect(db, read_only=True)
     try:
         rows = con.execute("""SELECT r.run_id, r.status, r.ingested_at FROM runs r JOIN sweep_runs s USING (run_id)
                               WHERE s.sweep = ? ORDER BY r.run_id""", [sweep]).fetchall()
     finally:
         con.close()
-    return hashlib.sha256(json.dumps([rows, bootstrap], default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([rows, bootstrap, code_version()], default=str).encode()).hexdigest()[:16]

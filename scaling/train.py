@@ -451,7 +451,8 @@ class Run:
         return {
             "run_id": spec.run_id, "status": rec.status, "error": rec.error,
             "diverged_step": rec.diverged_step, "steps": rec.step, "tokens_seen": tokens,
-            "epochs_done": tokens / spec.unique_tokens, "unique_tokens": spec.unique_tokens,
+            "epochs_done": rec.step * spec.train.batch_size / self.stream.n_windows,  # passes over U's windows
+            "unique_tokens": spec.unique_tokens,
             "final_train_loss": finite(last_ce), "final_eval_loss": finite(last_eval),
             "wall_s": rec.wall_s, "train_s": rec.train_s, "tokens_per_s": rate,
             "flops_per_s": train_flops_per_token(spec.model) * rate,
