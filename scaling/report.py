@@ -361,9 +361,9 @@ def compute_optimal_sentence(result: dict[str, Any] | None, budget: float | None
     interval = f" (95% CI {ci[0]:.3g}–{ci[1]:.3g})" if ci and all(np.isfinite(ci[:2])) else ""
     where = f"At C = {plots.sci(budget)} FLOPs" if budget else "At the sweep's largest budget"
     data = f" with U = {plots.sci(unique_tokens)} unique tokens" if unique_tokens else ""
+    epochs = f" ({optimum['epochs']:.1f} epochs)" if "epochs" in optimum else ""
     return (f"{where}{data}, the lowest loss is predicted at sparsity S* = {optimum['S_star']:.3g}{interval}, "
-            f"N_active = {plots.sci(optimum['N_active'])}, D = {plots.sci(optimum['D'])} tokens "
-            f"({optimum['epochs']:.1f} epochs).")
+            f"N_active = {plots.sci(optimum['N_active'])}, D = {plots.sci(optimum['D'])} tokens{epochs}.")
 
 
 def answer(fits: list[Fit], budget: float, unique_tokens: float) -> dict[str, Any]:

@@ -62,20 +62,20 @@ def export_parquet(db: str | None, sweep: str, to: Path) -> list[Path]:
     if con.execute("SELECT count(*) FROM sweeps WHERE name = ?", [sweep]).fetchall()[0][0] == 0:
         fail(f"no sweep named {sweep!r} in the store")
     to.mkdir(parents=True, exist_ok=True)
-    runs = f"(SELECT run_id FROM sweep_runs WHERE sweep = '{sweep}')"
+    runs = "(SELECT run_id FROM sweep_runs WHERE sweep = $sweep)"
     queries = {
-        "sweeps": f"SELECT * FROM sweeps WHERE name = '{sweep}'",
+        "sweeps": "SELECT * FROM sweeps WHERE name = $sweep",
         "runs": f"SELECT * FROM runs WHERE run_id IN {runs}",
-        "sweep_runs": f"SELECT * FROM sweep_runs WHERE sweep = '{sweep}'",
+        "sweep_runs": "SELECT * FROM sweep_runs WHERE sweep = $sweep",
         "metrics": f"SELECT * FROM metrics WHERE run_id IN {runs}",
         "router_stats": f"SELECT * FROM router_stats WHERE run_id IN {runs}",
         "token_losses": f"SELECT * FROM token_loss_arrays WHERE run_id IN {runs}",
-        "fits": f"SELECT * FROM fits WHERE sweep = '{sweep}'",
-        "fit_params": f"SELECT * FROM fit_params WHERE sweep = '{sweep}'",
+        "fits": "SELECT * FROM fits WHERE sweep = $sweep",
+        "fit_params": "SELECT * FROM fit_params WHERE sweep = $sweep",
     }
     paths = []
     for name, query in queries.items():
         path = to / f"{name}.parquet"
-        con.sql(query).write_parquet(str(path))
+        con.sql(query, params={"sweep": sweep}).write_parquet(str(path))
         paths.append(path)
     return paths
