@@ -20,9 +20,9 @@ import pandas as pd
 from scaling.config import SweepConfig
 from scaling.executors import Executor, Handle, Task
 from scaling.grid import plan
-from scaling.store import StoreError, ingest_all, ingest_run, mark, register_plan
+from scaling.store import StoreError, connect, db_path, ingest_all, ingest_run, mark, register_plan
 
-DEFAULT_FLOPS_PER_S = 5e10
+DEFAULT_FLOPS_PER_S = 1e10  # one small-model worker on a laptop-class CPU core (measured: 0.9-2.6e10)
 
 
 def execute_locked(spec: dict, run_dir: str) -> dict:
@@ -74,10 +74,26 @@ def runs_to_do(con: duckdb.DuckDBPyConnection, sweep: str, retries: int) -> pd.D
         ORDER BY r.flops DESC""", [sweep, retries]).df()
 
 
-def estimate_seconds(con: duckdb.DuckDBPyConnection, flops: pd.Series) -> pd.Series:
-    """Time estimate from this store's measured FLOP/s (median of finished runs), else a CPU default."""
-    measured = con.execute("SELECT median(flops_per_s) FROM runs WHERE status = 'ok'").fetchall()[0][0]
-    return flops / (measured or DEFAULT_FLOPS_PER_S)
+def dry_run(db: str | None, sweep: SweepConfig, retries: int) -> pd.DataFrame:
+    """What ``run_sweep`` would train, read without writing anything: the plan, with the statuses the store (if
+    there is one) has for its runs, and a time estimate from the store's measured FLOP/s (median of finished
+    runs), else a CPU default. Run files not yet ingested count as not done."""
+    runs = plan(sweep).runs[["run_id", "flops"]]
+    known = pd.DataFrame({"run_id": pd.Series(dtype=str), "status": pd.Series(dtype=str),
+                          "attempts": pd.Series(dtype="int64")})
+    measured = None
+    if db_path(db).exists():
+        con = connect(db, read_only=True)
+        try:
+            known = con.execute("SELECT run_id, status, attempts FROM runs WHERE list_contains(?, run_id)",
+                                [list(runs.run_id)]).df()
+            measured = con.execute("SELECT median(flops_per_s) FROM runs WHERE status = 'ok'").fetchall()[0][0]
+        finally:
+            con.close()
+    table = runs.merge(known, on="run_id", how="left").fillna({"status": "planned", "attempts": 0})
+    todo = ~table.status.isin(["ok", "diverged"]) & ~((table.status == "failed") & (table.attempts > retries))
+    table = table[todo].sort_values("flops", ascending=False)
+    return table[["run_id", "status", "flops"]].assign(est_seconds=table.flops / (measured or DEFAULT_FLOPS_PER_S))
 
 
 def prepare(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, runs_dir: Path) -> pd.DataFrame:

@@ -13,7 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from scaling.config import SweepConfig
 from scaling.executors import Executor, LocalExecutor, SlurmExecutor
 from scaling.output import emit, err
-from scaling.runner import SweepOutcome, estimate_seconds, execute_locked, prepare, run_sweep, runs_to_do
+from scaling.runner import SweepOutcome, execute_locked, run_sweep
+from scaling.runner import dry_run as dry_run_plan
 from scaling.store import connect
 
 
@@ -27,17 +28,15 @@ def execute_sweep(sweep: SweepConfig, db: str | None, runs_dir: Path, executor: 
                   options: dict | None = None, retries: int = 1, dry_run: bool = False,
                   fmt: str = "table") -> SweepOutcome | None:
     """Run (or with ``dry_run`` list) the unfinished runs of a sweep; prints progress and how to resume."""
+    if dry_run:
+        todo = dry_run_plan(db, sweep, retries)
+        emit(todo, fmt, title=f"{len(todo)} runs would train")
+        if fmt == "table":
+            err(f"total: {todo.flops.sum():.3g} FLOPs, about {duration(todo.est_seconds.sum())} of training "
+                "with one worker")
+        return None
     con = connect(db)
     try:
-        if dry_run:
-            prepare(con, sweep, runs_dir)
-            todo = runs_to_do(con, sweep.name, retries)
-            plan = todo[["run_id", "status", "flops"]].assign(est_seconds=estimate_seconds(con, todo.flops))
-            emit(plan, fmt, title=f"{len(todo)} runs would train")
-            if fmt == "table":
-                err(f"total: {todo.flops.sum():.3g} FLOPs, about {duration(plan.est_seconds.sum())} of training "
-                    "with one worker")
-            return None
         started = time.monotonic()
         with Reporter(sweep.name, runs_dir) as reporter:
             # Slurm options: the sweep file's [executor] table, overridden by the command line

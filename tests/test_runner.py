@@ -104,3 +104,19 @@ def test_failed_runs_out_of_retries_are_not_counted_done(tmp_path):
     assert (again.skipped, again.exhausted, again.failed) == (len(RUNS) - 1, 1, 1)
     more = sweep_pass(db, executor, retries=2)  # a larger --retries tries it again
     assert executor.submitted == [victim] and more.counts == {"ok": 1} and more.failed == 0
+
+
+def test_dry_run_reads_the_store_and_writes_nothing(tmp_path):
+    from scaling.runner import dry_run
+
+    db = tmp_path / "results.duckdb"
+    fresh = dry_run(str(db), SWEEP, retries=1)
+    assert not db.exists() and sorted(fresh.run_id) == sorted(RUNS) and set(fresh.status) == {"planned"}
+    assert (fresh.est_seconds > 0).all()
+    victim = next(iter(RUNS))
+    sweep_pass(db, Scripted({victim: ["fail", "fail"]}), retries=1)
+    before = db.stat().st_mtime_ns
+    assert dry_run(str(db), SWEEP, retries=1).empty  # the failed run has used its retries
+    again = dry_run(str(db), SWEEP, retries=2)
+    assert list(again.run_id) == [victim] and list(again.status) == ["failed"]
+    assert db.stat().st_mtime_ns == before
