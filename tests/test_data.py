@@ -100,6 +100,9 @@ def test_text_file_checksum_and_rebuild(tmp_cache):
     damaged.tofile(folder / "tokens.bin")
     assert prepare(str(source)) == folder  # checksum mismatch: rebuilt
     assert np.array_equal(np.fromfile(folder / "tokens.bin", dtype=np.uint16), tokens)
+    source.write_text("all the world's a stage\n" * 30)  # the user edits the file: tokenized again
+    assert prepare(str(source)) == folder
+    assert bytes(np.fromfile(folder / "tokens.bin", dtype=np.uint16).astype(np.uint8)) == source.read_bytes()
 
 
 def test_folder_pretokenized_and_bpe(tmp_cache):
