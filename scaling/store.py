@@ -85,7 +85,7 @@ VIEWS = {
         SELECT run_id, step, tokens, eval_loss, unnest(range(len(losses))) AS position, unnest(losses) AS loss
         FROM token_loss_arrays""",
     "fit_params": """
-        SELECT f.fit_id, f.sweep, f.law, f.created_at, v.parameter, v.value, v.ci_lo, v.ci_hi
+        SELECT f.fit_id, f.sweep, f.law, f.created_at, v.parameter, v.value, v.ci_lo, v.ci_hi, f.selection
         FROM fits f JOIN fit_values v USING (fit_id)""",
 }
 VIEW_DOCS = {
@@ -94,7 +94,7 @@ VIEW_DOCS = {
                       "flops, loss",
     "training_curves": "every logged step of every run: tokens, train/eval loss, lr, wall seconds",
     "token_losses": "per-token eval losses at checkpoints (one row per run, checkpoint and position)",
-    "fit_params": "fitted laws in long format: law, parameter, value, ci_lo, ci_hi",
+    "fit_params": "fitted laws in long format: law, parameter, value, ci_lo, ci_hi, and the SQL selecting its runs",
 }
 
 
@@ -126,6 +126,12 @@ def connect(path: str | os.PathLike | None = None, read_only: bool = False) -> d
 
 
 def init_schema(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    tables = {name for (name,) in con.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'").fetchall()}
+    if tables and "meta" not in tables:
+        con.close()
+        raise StoreError(f"{path} is a DuckDB file of something else (tables: {', '.join(sorted(tables)[:5])}), "
+                         "not a scaling results database: pass another --db")
     con.execute(SCHEMA)
     version = check_version(con, path)
     if version is None:

@@ -61,9 +61,9 @@ def test_fits_and_views(tmp_path):
     fit_id = save_fit(con, "st", {"law": "chinchilla", "params": {"E": 1.8, "alpha": 0.34},
                                    "ci": {"E": [1.7, 1.9]}, "optimum": {"N_opt": 1e9}, "n_points": 10,
                                    "objective": 0.01}, "SELECT 1")
-    rows = con.execute("SELECT parameter, value, ci_lo, ci_hi FROM fit_params WHERE fit_id = ? ORDER BY 1",
-                       [fit_id]).fetchall()
-    assert rows[0] == ("E", 1.8, 1.7, 1.9) and len(rows) == 3
+    rows = con.execute("SELECT parameter, value, ci_lo, ci_hi, selection FROM fit_params WHERE fit_id = ? "
+                       "ORDER BY 1", [fit_id]).fetchall()
+    assert rows[0] == ("E", 1.8, 1.7, 1.9, "SELECT 1") and len(rows) == 3
 
 
 def test_read_only_and_version(tmp_path):
@@ -84,3 +84,8 @@ def test_read_only_and_version(tmp_path):
     duckdb.connect(str(other)).execute("CREATE TABLE t (a INT)").close()
     with pytest.raises(StoreError, match="not a scaling results database"):
         connect(other, read_only=True)
+    with pytest.raises(StoreError, match="not a scaling results database"):
+        connect(other)  # a writer does not add its tables to somebody else's file
+    con = duckdb.connect(str(other))
+    assert [t for (t,) in con.execute("SELECT table_name FROM information_schema.tables").fetchall()] == ["t"]
+    con.close()
