@@ -50,8 +50,9 @@ def run_demo(db: str | None, runs_dir: Path, out: Path | None, quick: bool = Fal
     print("try:")
     print(f'  scaling sql --db {database} "SELECT sparsity, budget, min(final_eval_loss) AS best_loss '
           f"FROM final_losses WHERE sweep = '{sweep.name}' GROUP BY ALL ORDER BY ALL\"")
-    print(f'  scaling sql --db {database} "SELECT law, parameter, value, ci_lo, ci_hi FROM fit_params '
-          f"WHERE sweep = '{sweep.name}' ORDER BY created_at DESC, law\"")
+    print(f'  scaling sql --db {database} "SELECT law, regexp_extract(selection, \'sparsity = ([0-9.]+)\', 1) '
+          f"AS sparsity, parameter, value, ci_lo, ci_hi FROM fit_params WHERE sweep = '{sweep.name}' "
+          f'ORDER BY created_at DESC, law"')
     print(f'  scaling sql --db {database} "SELECT sparsity, epochs, generalization_gap FROM final_losses '
           f"WHERE sweep = '{sweep.name}' ORDER BY epochs DESC LIMIT 10\"")
     print(f"\n(demo took {took})")
