@@ -760,3 +760,12 @@ def test_cli_fit_sweep_fits_one_sparsity_at_a_time(tmp_path, monkeypatch, capsys
                                  "--db", db, "--format", "json")
     selections = [row["selection"] for row in json.loads(out)]
     assert "abs(sparsity - 0.75) < 1e-6" in selections[0] and "(sparsity > 0.5)" in selections[1]
+
+
+def test_weak_optimum_note_when_s_star_interval_spans_the_sampled_range():
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(s_max_=0.875, level=0.95)
+    assert laws.weak_optimum_note(model, {"S_star": (0.0, 0.875)})[0].startswith("S_star is weakly identified")
+    assert laws.weak_optimum_note(model, {"S_star": (0.4, 0.6)}) == []
+    assert laws.weak_optimum_note(model, {"a": (0.4, 0.6)}) == []
