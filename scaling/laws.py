@@ -1096,7 +1096,7 @@ def _parabolas(u: np.ndarray, y: np.ndarray, groups: np.ndarray, n_groups: int, 
     curvature c2, the sampled range of u (rows with weight) and whether the vertex lies inside it; plus the
     coefficients (R, G, 3) and centers (G,)."""
     R = len(W)
-    out = {k: np.full((R, n_groups), np.nan) for k in ("vertex", "se", "value", "curvature", "lo", "hi")}
+    out = {k: np.full((R, n_groups), np.nan) for k in ("vertex", "se", "value", "value_se", "curvature", "lo", "hi")}
     out["coef"], out["center"] = np.full((R, n_groups, 3), np.nan), np.zeros(n_groups)
     for g in range(n_groups):
         idx = np.flatnonzero(groups == g)
@@ -1113,12 +1113,16 @@ def _parabolas(u: np.ndarray, y: np.ndarray, groups: np.ndarray, n_groups: int, 
         dof = w.sum(axis=1) - 3
         with np.errstate(all="ignore"):
             sigma2 = np.where(dof > 0, (w * (y[idx] - coef @ X.T) ** 2).sum(axis=1) / dof, np.nan)
-            cov = sigma2[:, None, None] * np.linalg.inv(A)[:, 1:, 1:]
+            cov_all = sigma2[:, None, None] * np.linalg.inv(A)
+            cov = cov_all[:, 1:, 1:]
             grad = np.stack([-1 / (2 * c2), c1 / (2 * c2**2)], axis=1)  # ∂vertex/∂(c1, c2)
+            grad_value = np.stack([np.ones_like(c1), -c1 / (2 * c2), c1**2 / (4 * c2**2)], axis=1)  # ∂value/∂c
             sampled = np.where(w > 0, v, np.nan)
             values = {"vertex": center - c1 / (2 * c2),
                       "se": np.sqrt(np.einsum("ri,rij,rj->r", grad, cov, grad)),
-                      "value": c0 - c1**2 / (4 * c2), "curvature": c2,
+                      "value": c0 - c1**2 / (4 * c2),
+                      "value_se": np.sqrt(np.einsum("ri,rij,rj->r", grad_value, cov_all, grad_value)),
+                      "curvature": c2,
                       "lo": np.nanmin(sampled, axis=1) + center, "hi": np.nanmax(sampled, axis=1) + center}
         for k, value in values.items():
             out[k][ok, g] = value[ok]
@@ -1177,7 +1181,8 @@ class IsoFLOP(Law):
             "n_lo": 10 ** (nv["vertex"] - z * nv["se"]), "n_hi": 10 ** (nv["vertex"] + z * nv["se"]),
             "d_opt": 10 ** dv["vertex"],
             "d_lo": 10 ** (dv["vertex"] - z * dv["se"]), "d_hi": 10 ** (dv["vertex"] + z * dv["se"]),
-            "loss_opt": nv["value"], "in_range": usable,
+            "loss_opt": nv["value"], "loss_lo": nv["value"] - z * nv["value_se"],
+            "loss_hi": nv["value"] + z * nv["value_se"], "in_range": usable,
             "n_points": np.bincount(data["groups"], minlength=len(data["budgets"])),
         })[fitted].reset_index(drop=True)
         self.notes_ += [f"budget C = {c:.3g} has fewer than 3 distinct sizes: no vertex"
@@ -1203,7 +1208,10 @@ class IsoFLOP(Law):
         self.notes_.append("vertices are biased when α ≠ β (the loss is not symmetric in log N); the "
                            "exponents a, b are not")
         if self.bootstrap:
+            t_intervals = {k: self.ci_[k] for k in ("a", "b") if k in self.ci_}
             self._run_bootstrap(frame, lambda W: self._samples(data, W), strata=data["groups"])
+            self.notes_ += [f"statsmodels {self.level:.0%} t-interval of {k}: {lo:.3g}–{hi:.3g}"
+                            for k, (lo, hi) in t_intervals.items()]
         elif usable.sum() == 2:
             self.notes_.append("2 budgets: the power laws pass through both vertices, no interval without "
                                "bootstrap")

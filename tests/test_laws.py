@@ -402,8 +402,13 @@ def test_isoflop_on_chinchilla_isoflop_points():
     assert 0.4 < law.params_["a"] < 0.6 and law.params_["a"] + law.params_["b"] == pytest.approx(1, abs=0.02)
     lo, hi = law.ci_["a"]
     assert lo < law.params_["a"] < hi
-    assert set(law.vertices_.columns) >= {"budget", "n_opt", "n_lo", "n_hi", "d_opt", "loss_opt", "in_range",
-                                          "n_points"}
+    assert set(law.vertices_.columns) >= {"budget", "n_opt", "n_lo", "n_hi", "d_opt", "loss_opt", "loss_lo",
+                                          "loss_hi", "in_range", "n_points"}
+    v = law.vertices_
+    assert ((v.loss_lo < v.loss_opt) & (v.loss_opt < v.loss_hi) & (v.n_lo < v.n_opt) & (v.n_opt < v.n_hi)).all()
+    booted = IsoFLOP(x="params", bootstrap=100).fit(points)  # bootstrap intervals; the t-intervals stay in notes
+    assert booted.ci_["a"] != law.ci_["a"]
+    assert f"statsmodels 95% t-interval of a: {law.ci_['a'][0]:.3g}–{law.ci_['a'][1]:.3g}" in booted.notes_
 
 
 # ---------------------------------------------------------------------------------------- noiseless exactness
