@@ -155,6 +155,27 @@ def sweep_name(sweep: str | None) -> str | None:
     return sweep
 
 
+def frozen_options(law: str, pairs: tuple[str, ...]) -> dict:
+    """``--freeze NAME=VALUE`` as the law's constructor options (``frozen``, or the envelope's ``l_inf``)."""
+    values = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        try:
+            values[name] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"expected NAME=VALUE with a number, got {pair!r}",
+                                     param_hint="--freeze") from None
+    if not values:
+        return {}
+    if law == "isoflop":
+        raise click.BadParameter("the isoflop law has no parameters to freeze", param_hint="--freeze")
+    if law == "envelope":
+        if set(values) != {"L_inf"}:
+            raise click.BadParameter("the envelope law can pin L_inf only", param_hint="--freeze")
+        return {"l_inf": values["L_inf"]}
+    return {"frozen": values}
+
+
 def column_map(pairs: tuple[str, ...]) -> dict[str, str]:
     """``("loss=val_loss", ...)`` -> ``{"loss": "val_loss", ...}``."""
     bad = [p for p in pairs if p.count("=") != 1 or not all(p.split("="))]
@@ -177,6 +198,9 @@ def column_map(pairs: tuple[str, ...]) -> dict[str, str]:
                    "isoflop_points view)")
 @click.option("--sparsity", type=float, default=None,
               help="fit only the runs at this sparsity S (isoflop, chinchilla and data-constrained fit one S)")
+@click.option("--freeze", "freeze", multiple=True, metavar="NAME=VALUE",
+              help="hold a parameter at a value (repeatable), e.g. --freeze alpha=0.35 (chinchilla, "
+                   "data-constrained, sparsity) or --freeze L_inf=1.8 (envelope)")
 @click.option("--bootstrap", type=int, default=0, show_default=True, help="bootstrap resamples over runs")
 @click.option("--budget", type=float, default=None, help="FLOP budget C for the compute-optimal answer")
 @click.option("--unique-tokens", type=float, default=None, help="unique-token limit U for the answer")
@@ -184,15 +208,15 @@ def column_map(pairs: tuple[str, ...]) -> dict[str, str]:
 @DB
 @FORMAT
 def fit(sweep: str | None, law: str, csv_path: str | None, columns: tuple[str, ...], where: str | None,
-        sparsity: float | None, bootstrap: int, budget: float | None, unique_tokens: float | None, seed: int,
-        db: str | None, fmt: str) -> None:
+        sparsity: float | None, freeze: tuple[str, ...], bootstrap: int, budget: float | None,
+        unique_tokens: float | None, seed: int, db: str | None, fmt: str) -> None:
     """Fit a scaling law to a sweep's runs (saved in the store) or to a CSV."""
     from scaling.fitting import fit_frame, fit_sweep, result_table
 
     if columns and not csv_path:
         raise click.UsageError("--column applies to --csv only")
     options = dict(where=where, sparsity=sparsity, bootstrap=bootstrap, budget=budget, unique_tokens=unique_tokens,
-                   seed=seed)
+                   seed=seed, **frozen_options(law, freeze))
     if csv_path:
         result = fit_frame(csv_path, law, columns=column_map(columns), **options)
     elif sweep:

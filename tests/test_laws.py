@@ -774,3 +774,23 @@ def test_weak_optimum_note_when_s_star_interval_spans_the_sampled_range():
     assert laws.weak_optimum_note(model, {"S_star": (0.0, 0.875)})[0].startswith("S_star is weakly identified")
     assert laws.weak_optimum_note(model, {"S_star": (0.4, 0.6)}) == []
     assert laws.weak_optimum_note(model, {"a": (0.4, 0.6)}) == []
+
+
+def test_cli_fit_freeze_holds_parameters(monkeypatch, capsys):
+    """Muennighoff et al.'s second stage from the command line: E, A, B, α, β frozen at their values."""
+    path = str(PUBLISHED / "datablations_c4_val_losses_fit182.csv")
+    frozen = {"E": 1.869, "A": 520.8, "B": 1487.7, "alpha": 0.35266, "beta": 0.35266}
+    args = [a for name, value in frozen.items() for a in ("--freeze", f"{name}={value}")]
+    code, out, err = scaling_cli(monkeypatch, capsys, "fit", "--csv", path, "--law", "data-constrained",
+                                 "--column", "loss=val_loss", "--format", "json", *args)
+    assert code == 0, err
+    result = json.loads(out)
+    assert all(result["params"][k] == pytest.approx(v) for k, v in frozen.items())
+    lo, hi = result["ci"]["R_D_star"]
+    assert lo < 15.39 < hi
+    for law, arg, needle in (("data-constrained", "gamma=1", "has no parameter(s) gamma"),
+                             ("isoflop", "E=1", "no parameters to freeze"),
+                             ("envelope", "alpha=1", "L_inf only"), ("chinchilla", "E=x", "with a number")):
+        code, out, err = scaling_cli(monkeypatch, capsys, "fit", "--csv", path, "--law", law, "--column",
+                                     "loss=val_loss", "--freeze", arg)
+        assert code != 0 and out == "" and needle in err and "Traceback" not in err, err
