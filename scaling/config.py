@@ -224,8 +224,11 @@ class Shape:
     ffn_mult: int = 4
     max_layers: int = 24
     min_d_model: int = 32
+    rule: str = "aspect"  # depth from the aspect ratio ("aspect"), or any depth, closest size first ("size")
 
     def __post_init__(self) -> None:
+        if self.rule not in ("aspect", "size"):
+            raise ConfigError(f"shape.rule must be 'aspect' or 'size', got {self.rule!r}")
         for name in ("aspect_ratio", "head_dim", "ffn_mult", "max_layers", "min_d_model"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"shape.{name} must be positive, got {getattr(self, name)}")

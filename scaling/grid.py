@@ -23,26 +23,32 @@ class Plan:
 def shape_for(target_active: float, variant: Variant, sweep: SweepConfig) -> ModelConfig:
     """The model whose ACTIVE params are closest to ``target_active`` under the shape rules.
 
-    For every depth, d_model is solved (a multiple of the head size) for the target; the depth whose aspect
-    ratio d_model/n_layers is closest to the rule, among shapes within 10% of the best size match, wins.
+    Widths are multiples of the head size from ``min_d_model``. ``shape.rule = "aspect"`` (default): each
+    width's depth follows the aspect ratio, n_layers = round(d_model / aspect_ratio) within [1, max_layers], so
+    sizes grow in width and depth together (one family of shapes, as in Kaplan et al. and Chinchilla).
+    ``"size"``: every depth up to max_layers is a candidate; among shapes within 10% of the best size match, the
+    one closest to the aspect ratio wins (finer sizes, e.g. two depths at one width).
     """
     shape = sweep.shape
     candidates = []
-    for n_layers in range(1, shape.max_layers + 1):
-        for d_model in range(max(shape.head_dim, shape.min_d_model), 64 * shape.head_dim + 1, shape.head_dim):
+    for d_model in range(max(shape.head_dim, shape.min_d_model), 64 * shape.head_dim + 1, shape.head_dim):
+        aspect_depth = min(shape.max_layers, max(1, round(d_model / shape.aspect_ratio)))
+        depths = [aspect_depth] if shape.rule == "aspect" else range(1, shape.max_layers + 1)
+        sizes = []
+        for n_layers in depths:
             cfg = model_config(d_model, n_layers, variant, sweep)
             if cfg is None:
                 continue
             n = param_counts(cfg).active
-            size_err = abs(math.log(n / target_active))
-            aspect_err = abs(math.log(d_model / n_layers / shape.aspect_ratio))
-            candidates.append((size_err, aspect_err, cfg))
-            if n > 4 * target_active:
-                break
+            sizes.append(n)
+            candidates.append((abs(math.log(n / target_active)),
+                               abs(math.log(d_model / n_layers / shape.aspect_ratio)), cfg))
+        if sizes and min(sizes) > 4 * target_active:
+            break
     if not candidates:
         raise ConfigError(f"no model shape fits {target_active:.3g} active params")
     best = min(c[0] for c in candidates)
-    near = [c for c in candidates if c[0] <= best + 0.1]
+    near = [c for c in candidates if c[0] <= best + (0.1 if shape.rule == "size" else 0.0)]
     return min(near, key=lambda c: (c[1], c[0]))[2]
 
 

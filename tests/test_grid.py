@@ -136,6 +136,21 @@ def test_budget_tolerance_and_capped_shapes_are_reported():
     assert capped.dropped.reason.str.startswith("duplicate shape").any()
 
 
+def test_aspect_rule_grows_width_and_depth_together():
+    """The default shape rule: depth = round(d_model / aspect_ratio), so a sweep's sizes form one family (depth
+    never falls as width grows); the "size" rule may pick any depth."""
+    raw = base(budgets=[1e11, 1e12, 1e13], sizes={"count": 6, "span": 30.0},
+               shape={"aspect_ratio": 16, "head_dim": 8, "min_d_model": 8, "max_layers": 6})
+    runs = plan(parse_sweep(raw)).runs.sort_values("d_model")
+    assert runs.n_layers.is_monotonic_increasing
+    expected = (runs.d_model / 16).round().clip(1, 6)
+    assert (runs.n_layers == expected).all()
+    loose = plan(parse_sweep({**raw, "shape": {**raw["shape"], "rule": "size"}})).runs
+    assert not (loose.n_layers == (loose.d_model / 16).round().clip(1, 6)).all()
+    with pytest.raises(ConfigError, match="shape.rule must be 'aspect' or 'size'"):
+        parse_sweep({**raw, "shape": {"rule": "square"}})
+
+
 def test_levels_and_repeat_seeds():
     sweep = parse_sweep(base(sparsity={"levels": [0, 0.5, 0.875], "top_k": 1},
                              repeat={"seeds": [1], "budgets": [1e12]}))
