@@ -14,7 +14,7 @@ from scaling.store import connect, ingest_run, register_plan
 
 SWEEP = {"name": "rep", "budgets": [3e10, 1e11, 3e11], "unique_tokens": 150_000, "context": 32, "min_steps": 10,
          "max_epochs": 50, "sparsity": {"experts": [1, 2, 4, 8]}, "sizes": {"count": 5, "span": 12},
-         "shape": {"aspect_ratio": 16, "head_dim": 8, "min_d_model": 16}, "train": {"batch_size": 8},
+         "shape": {"aspect_ratio": 16, "head_dim": 8, "min_d_model": 16, "rule": "size"}, "train": {"batch_size": 8},
          "repeat": {"seeds": [1], "budgets": [1e11]}}
 POSITIONS = 256
 SMALL = {**SWEEP, "name": "small", "budgets": [1e11, 3e11], "sparsity": {"experts": [1, 4]}, "sizes": {"count": 3},
