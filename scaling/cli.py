@@ -100,6 +100,11 @@ def run(sweep_file: str | None, db: str | None, runs_dir: str | None, one: str |
     options = {k: v for k, v in dict(partition=partition, time_min=time_min, cpus_per_task=cpus_per_task,
                                      gpus_per_node=gpus_per_node, max_parallel=max_parallel).items()
                if v is not None}
+    if executor == "local" and options:
+        err(f"note: {', '.join('--' + k.replace('_', '-') for k in options)} apply to --executor slurm only; "
+            "ignored (local parallelism is --workers)")
+    if executor == "slurm" and workers != 1:
+        err("note: --workers applies to --executor local only; ignored (Slurm parallelism is --max-parallel)")
     outcome = execute_sweep(sweep, db, runs_root(runs_dir), executor=executor, workers=workers, options=options,
                             retries=retries, dry_run=dry_run, fmt=fmt)
     if outcome is not None and outcome.failed:

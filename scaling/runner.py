@@ -114,7 +114,11 @@ def run_sweep(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, executor: Exec
     executor is shut down, results that landed meanwhile are ingested and the runs still in flight are marked
     ``interrupted``. ``on_update`` receives progress events: {"event": "start"|"done"|"tick", ...}.
     """
-    runs = prepare(con, sweep, runs_dir)
+    try:
+        runs = prepare(con, sweep, runs_dir)
+    except KeyboardInterrupt:  # before anything was submitted: the plan's transaction is rolled back
+        rollback(con)
+        return SweepOutcome(interrupted=True)
     todo = runs_to_do(con, sweep.name, retries)
     skipped = count_status(con, sweep.name, ("ok", "diverged"))
     outcome = SweepOutcome(skipped=skipped, exhausted=len(runs) - len(todo) - skipped)
@@ -194,10 +198,7 @@ def tasks_of(rows: list[dict]) -> list[Task]:
 def interrupt(con: duckdb.DuckDBPyConnection, executor: Executor, handles: list[Handle],
               run_ids: list[str]) -> None:
     """After Ctrl-C: stop the executor, keep what finished, mark what was still in flight ``interrupted``."""
-    try:
-        con.execute("ROLLBACK")  # an ingest that the interrupt cut short
-    except duckdb.TransactionException:
-        pass
+    rollback(con)  # an ingest that the interrupt cut short
     try:
         executor.shutdown(cancel=True)
     finally:
@@ -206,6 +207,14 @@ def interrupt(con: duckdb.DuckDBPyConnection, executor: Executor, handles: list[
                 finish(con, handle)  # it finished before it could be stopped
         con.execute("UPDATE runs SET status = 'interrupted', error = 'interrupted by the user' "
                     "WHERE status = 'running' AND list_contains(?, run_id)", [run_ids])
+
+
+def rollback(con: duckdb.DuckDBPyConnection) -> None:
+    """End a transaction that an interrupt cut short, if there is one."""
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.TransactionException:
+        pass
 
 
 def finish(con: duckdb.DuckDBPyConnection, handle: Handle) -> str:

@@ -120,3 +120,24 @@ def test_dry_run_reads_the_store_and_writes_nothing(tmp_path):
     again = dry_run(str(db), SWEEP, retries=2)
     assert list(again.run_id) == [victim] and list(again.status) == ["failed"]
     assert db.stat().st_mtime_ns == before
+
+
+def test_ctrl_c_while_planning_stores_nothing_half_done(tmp_path, monkeypatch):
+    from scaling import runner
+
+    db = tmp_path / "results.duckdb"
+
+    def interrupted(con, sweep, runs_dir):
+        con.execute("BEGIN")
+        con.execute("INSERT INTO sweeps VALUES ('half', '', '{}', now(), 0)")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "prepare", interrupted)
+    executor = Scripted({})
+    outcome = sweep_pass(db, executor)
+    assert outcome.interrupted and executor.submitted == []
+    con = connect(db, read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM sweeps").fetchall()[0][0] == 0
+    finally:
+        con.close()
