@@ -490,11 +490,14 @@ def envelope_plot(points: pd.DataFrame | None, fit: pd.DataFrame | None = None) 
 # ---------------------------------------------------------------------------------------------- finite data
 
 
-def epochs_plot(points: pd.DataFrame | None, prediction: pd.DataFrame | None = None) -> ggplot | None:
+def epochs_plot(points: pd.DataFrame | None, prediction: pd.DataFrame | None = None,
+                r_d_star: float | None = None) -> ggplot | None:
     """Final loss against epochs D/U per model size (colour), faceted by sparsity, with the repetition law.
 
     ``prediction``: rows sparsity, active_params, epochs, loss from the data-constrained law (drawn where the law
-    applies, usually the dense runs). The dotted line marks one epoch; beyond it every token is a repeat.
+    applies, usually the dense runs). The dotted line marks one epoch; beyond it every token is a repeat. With
+    the fitted ``r_d_star`` (Muennighoff et al.), a dashed line marks where a repeated token is worth half a new
+    one, 1 + R_D*·ln 2 epochs (their D′: the value of the r-th repeat decays as exp(−r/R_D*)).
     """
     data = usable(points, ["sparsity", "active_params", "epochs", "loss"])
     if data is None:
@@ -520,6 +523,13 @@ def epochs_plot(points: pd.DataFrame | None, prediction: pd.DataFrame | None = N
         pred = labels(pred[pred["sparsity"].isin(labels.variants)]).assign(kind="data-constrained law")
         plot += geom_line(aes(group="active_params", linetype="kind"), data=pred, size=0.8)
         plot += scale_linetype_manual(values={"data-constrained law": "dashed"})
+    if r_d_star is not None and math.isfinite(r_d_star) and 0.0 in labels.variants:  # fitted on the dense runs
+        half = 1 + r_d_star * math.log(2)
+        mark = labels(pd.DataFrame({"sparsity": [0.0], "x": [half], "y": [float(data["loss"].max())],
+                                    "label": [f"repeats worth ½ a new token\n(R_D* = {r_d_star:.3g})"]}))
+        plot += geom_vline(aes(xintercept="x"), data=mark, inherit_aes=False, linetype="dashed", color="grey")
+        plot += geom_text(aes(x="x", y="y", label="label"), data=mark.assign(x=half * 1.05), inherit_aes=False,
+                          size=7, ha="left", va="top", color="grey")
     return plot
 
 

@@ -283,6 +283,11 @@ def repetition_frame(fit: Fit | None, points: pd.DataFrame, unique_tokens: float
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
+def r_d_star(fit: Fit | None) -> float | None:
+    """The data-constrained fit's R_D*, if it was fitted."""
+    return None if fit is None or fit.model is None else fit.model.params_.get("R_D_star")
+
+
 def named(fits: list[Fit], law: str) -> Fit | None:
     return next((f for f in fits if f.law == law), None)
 
@@ -312,9 +317,11 @@ def draw(data: SweepData, fits: list[Fit], unique_tokens: float, folder: Path) -
          "over dense for the same loss.",
          lambda: plots.envelope_plot(points, envelope_fit), "no finished runs"),
         ("epochs", f"Loss against epochs over U = {plots.sci(unique_tokens)} unique tokens per model size; "
-         "dashed: the fitted repetition law (dense).",
+         "dashed curves: the fitted repetition law (dense); dashed vertical line: where a repeated token is worth "
+         "half a new one (1 + R_D*·ln 2 epochs).",
          lambda: plots.epochs_plot(points, repetition_frame(named(fits, "data-constrained"), points,
-                                                            unique_tokens)), "no finished runs"),
+                                                            unique_tokens), r_d_star(named(fits, "data-constrained"))),
+         "no finished runs"),
         ("gap", "Final eval minus final train loss against epochs: how much repetition overfits, by sparsity.",
          lambda: plots.gap_plot(data.finals), "no finished runs"),
         ("curves", "Eval loss during training at the largest budget against tokens and against wall-clock time.",

@@ -112,7 +112,7 @@ def figures(points: pd.DataFrame) -> dict[str, object]:
         "frontier": plots.frontier_plot(vertices, exponents),
         "sparsity": plots.sparsity_plot(points, prediction, optimum),
         "envelope": plots.envelope_plot(points, envelope_fit()),
-        "epochs": plots.epochs_plot(points, repetition),
+        "epochs": plots.epochs_plot(points, repetition, r_d_star=4.0),
         "gap": plots.gap_plot(points),
         "curves": plots.curves_plot(make_curves(points)),
         "router_load": plots.router_load_plot(make_router(points)),
@@ -155,3 +155,13 @@ def test_labels(value, text):
     assert plots.log_labels([1e4, 3e4, 1e5]) == ["$10^{4}$", "$3{\\times}10^{4}$", "$10^{5}$"]
     assert plots.log_labels([0.5, 1, 10]) == ["0.5", "1", "10"]
     assert plots.variant_label(0.875, 8, 1) == "S = 0.875 (E=8, k=1)" and plots.variant_label(0.0) == "dense"
+
+
+def test_epochs_marks_half_value_repeats_on_the_dense_facet(drawn):
+    """1 + R_D*·ln 2 epochs: where Muennighoff et al.'s repeated token is worth half a new one (dense runs only)."""
+    plot = drawn["epochs"]
+    marks = [layer.geom.data for layer in plot.layers if type(layer.geom).__name__ == "geom_vline"
+             and isinstance(layer.geom.data, pd.DataFrame) and "x" in layer.geom.data]
+    assert len(marks) == 1 and marks[0]["x"].iloc[0] == pytest.approx(1 + 4.0 * np.log(2))
+    assert list(marks[0]["variant"]) == ["dense"]
+    assert plots.epochs_plot(make_points(), None, r_d_star=float("nan")) is not None
