@@ -1283,15 +1283,19 @@ class Envelope(Law):
     ``variants_`` holds separate fits (each variant's own L∞, A, α) of variants with 4+ budgets (3+ with
     ``l_inf`` pinning L∞). Fitted in the LSE form with the same Huber objective as the other laws (C: the
     ``budget`` column, else ``flops`` grouped within 1 + ``rtol``); the bootstrap resamples runs within each
-    (variant, budget).
+    (variant, budget). ``points="vertex"`` takes each (variant, budget)'s isoFLOP parabola vertex (loss in
+    log10 of ``active_params``, else ``params``) instead of its best run, where the vertex lies inside the
+    sampled sizes (else the best run).
     """
 
     name = "Envelope"
 
-    def __init__(self, *, l_inf: float | None = None, rtol: float = 0.1, huber_delta: float = HUBER_DELTA,
-                 bootstrap: int = 0, seed: int = 0, level: float = 0.95):
+    def __init__(self, *, l_inf: float | None = None, points: str = "best", rtol: float = 0.1,
+                 huber_delta: float = HUBER_DELTA, bootstrap: int = 0, seed: int = 0, level: float = 0.95):
         super().__init__(bootstrap=bootstrap, seed=seed, level=level)
-        self.l_inf, self.rtol, self.huber_delta = l_inf, rtol, huber_delta
+        if points not in ("best", "vertex"):
+            raise FitError(f"points must be 'best' or 'vertex', not {points!r}")
+        self.l_inf, self.points, self.rtol, self.huber_delta = l_inf, points, rtol, huber_delta
         self.variants_ = pd.DataFrame()
 
     def fit(self, frame: pd.DataFrame) -> Envelope:
@@ -1330,8 +1334,10 @@ class Envelope(Law):
     def _data(self, frame: pd.DataFrame) -> dict:
         """Rows of variants with 2+ budgets, their (variant, budget) cell, and per cell log C and variant."""
         budget_col = "budget" if "budget" in frame else "flops"
+        size_col = "active_params" if "active_params" in frame else "params"
         names = ["loss", budget_col] + (["sparsity"] if "sparsity" in frame else [])
-        cols = _columns(frame, self.name, names, positive=["loss", budget_col])
+        sizes = [size_col] if self.points == "vertex" else []
+        cols = _columns(frame, self.name, names + sizes, positive=["loss", budget_col, *sizes])
         codes, cells = pd.factorize(pd.MultiIndex.from_arrays(
             [cols.get("sparsity", np.zeros(len(frame))), budget_groups(frame, self.rtol)]), sort=True)
         cell_s = cells.get_level_values(0).to_numpy(float)
@@ -1350,13 +1356,20 @@ class Envelope(Law):
             raise FitError(f"{self.name}: l_inf = {self.l_inf:g} must be below the lowest loss")
         rows = keep[codes]
         cell = (np.cumsum(keep) - 1)[codes[rows]]
+        sizes = np.log10(cols[size_col][rows]) if self.points == "vertex" else None
         return {"n": int(rows.sum()), "loss": cols["loss"][rows], "strata": cell, "variant": variant,
-                "log_c": np.log(cells.get_level_values(1).to_numpy(float)[keep]), "levels": levels}
+                "log_c": np.log(cells.get_level_values(1).to_numpy(float)[keep]), "levels": levels,
+                "log_n": sizes}
 
     def _best(self, data: dict, W: np.ndarray) -> np.ndarray:
-        """Lowest loss per (variant, budget) cell among the rows drawn, (R, cells)."""
+        """The loss of each (variant, budget) cell from the rows drawn, (R, cells): the lowest, or with
+        ``points="vertex"`` the parabola vertex where it lies inside the drawn sizes."""
         out = np.full((len(W), len(data["log_c"])), np.inf)
         np.minimum.at(out.T, data["strata"], np.where(W > 0, data["loss"], np.inf).T)
+        if self.points == "vertex":
+            par = _parabolas(data["log_n"], data["loss"], data["strata"], len(data["log_c"]), W)
+            inside = par["in_range"] & np.isfinite(par["value"]) & (par["value"] > 0)
+            out = np.where(inside, par["value"], out)
         return out
 
     def _terms(self, data: dict) -> Terms:

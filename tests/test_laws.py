@@ -461,6 +461,29 @@ def test_envelope_recovers_multipliers_exactly():
     assert np.allclose(law.predict(best), best["loss"], rtol=1e-4)
 
 
+def test_envelope_from_parabola_vertices():
+    """points="vertex": each (variant, budget)'s isoFLOP vertex, which no run hits exactly, carries the envelope;
+    the best runs sit above it and bias the fit."""
+    l_inf, alpha, amps = 1.7, 0.12, {0.0: 300.0, 0.5: 240.0, 0.875: 180.0}
+    rows = [{"budget": c, "sparsity": s, "run_id": f"{s}-{c}-{k}", "active_params": 10 ** (u0 + du + shift),
+             "loss": l_inf + a * c**-alpha + 0.2 * (du + shift) ** 2}
+            for i, (s, a) in enumerate(amps.items()) for j, c in enumerate(BUDGETS)
+            for u0, shift in [(4 + 0.4 * math.log10(c / BUDGETS[0]), 0.1 * ((i + j) % 3))]
+            for k, du in enumerate((-0.7, -0.35, 0.05, 0.45))]  # the best run misses the vertex by 0.05–0.25
+    frame = pd.DataFrame(rows)
+    vertex = Envelope(points="vertex").fit(frame).params_
+    best = Envelope().fit(frame).params_
+    errors = {"vertex": 0.0, "best": 0.0}
+    for s in (0.5, 0.875):
+        exact = (300.0 / amps[s]) ** (1 / alpha)
+        assert vertex[f"multiplier_S{s:g}"] == pytest.approx(exact, rel=1e-4)
+        errors["vertex"] += abs(vertex[f"multiplier_S{s:g}"] / exact - 1)
+        errors["best"] += abs(best[f"multiplier_S{s:g}"] / exact - 1)
+    assert errors["best"] > 10 * errors["vertex"]
+    with pytest.raises(FitError, match="points must be 'best' or 'vertex'"):
+        Envelope(points="mean")
+
+
 def test_optima():
     truth = CHINCHILLA
     frame = chinchilla_sweep(truth, np.random.default_rng(0), sigma=0.0)
