@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import traceback
@@ -201,7 +202,7 @@ def column_map(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--where", default=None, metavar="SQL",
               help="fit only the rows matching this SQL condition (on the CSV's own columns, or on the store's "
                    "isoflop_points view)")
-@click.option("--sparsity", type=float, default=None,
+@click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="fit only the runs at this sparsity S (isoflop, chinchilla and data-constrained fit one S)")
 @click.option("--freeze", "freeze", multiple=True, metavar="NAME=VALUE",
               help="hold a parameter at a value (repeatable), e.g. --freeze alpha=0.35 (chinchilla, "
@@ -220,6 +221,8 @@ def fit(sweep: str | None, law: str, csv_path: str | None, columns: tuple[str, .
 
     if columns and not csv_path:
         raise click.UsageError("--column applies to --csv only")
+    if sparsity is not None and not math.isfinite(sparsity):  # FloatRange lets NaN through
+        raise click.BadParameter(f"{sparsity} is not a sparsity in [0, 1)", param_hint="--sparsity")
     options = dict(where=where, sparsity=sparsity, bootstrap=bootstrap, budget=budget, unique_tokens=unique_tokens,
                    seed=seed, **frozen_options(law, freeze))
     if csv_path:

@@ -179,6 +179,8 @@ def build(cls: type, values: dict[str, Any], where: str) -> Any:
         if isinstance(default, (int, float)) and not isinstance(default, bool):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{where}.{key} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ConfigError(f"{where}.{key} must be a finite number, got {value!r}")
             if isinstance(default, int) and not float(value).is_integer():
                 raise ConfigError(f"{where}.{key} must be an integer, got {value!r}")
             values = {**values, key: type(default)(value)}
@@ -362,7 +364,12 @@ def parse_sweep(raw: dict[str, Any], path: str = "") -> SweepConfig:
     for key, value in executor.items():
         if key == "partition" and not isinstance(value, str):
             raise ConfigError(f"executor.partition must be a string, got {value!r}")
-        if key != "partition":
+        if key == "mem_gb":
+            positive(value, "executor.mem_gb")
+        elif key == "gpus_per_node":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"executor.gpus_per_node must be a whole number >= 0, got {value!r}")
+        elif key != "partition":
             whole(value, f"executor.{key}")
     seeds = seed_list(raw.get("seeds", [0]), "seeds")
     repeat_seeds = seed_list(repeat["seeds"], "repeat.seeds") if "seeds" in repeat else ()

@@ -68,7 +68,7 @@ def fit_frame(csv_path: str | Path, law: str, columns: dict[str, str] | None = N
     if missing:
         raise FitError(f"{csv_path} has no column {', '.join(map(repr, missing))} "
                        f"(columns: {', '.join(frame.columns)})")
-    frame = frame.rename(columns={theirs: ours for ours, theirs in (columns or {}).items()})
+    frame = frame.assign(**{ours: frame[theirs] for ours, theirs in (columns or {}).items()})
     if "loss" not in frame:
         raise FitError(f"{csv_path} has no 'loss' column (columns: {', '.join(frame.columns)})")
     frame = complete_columns(frame)
@@ -131,7 +131,9 @@ def fit_sweep(db: str | None, sweep: str, law: str, where: str | None = None, sp
     result = fit_law(frame, law, **options)
     con = connect(db)
     try:
-        save_fit(con, sweep, result, selection=points_sql(where, sparsity).replace("?", repr(sweep)))
+        sweep_literal = "'" + sweep.replace("'", "''") + "'"
+        save_fit(con, sweep, result, selection=points_sql(where, sparsity).replace("sweep = ?",
+                                                                                    f"sweep = {sweep_literal}", 1))
     finally:
         con.close()
     return result

@@ -1306,6 +1306,9 @@ class Envelope(Law):
         if self._levels[0] != 0:
             self.notes_.append(f"no dense runs: multipliers are relative to S = {self._levels[0]:g}")
         y = np.log(self._best(data, np.ones((1, data["n"]))))
+        if self.l_inf is not None and self.l_inf >= np.exp(y).min():
+            raise FitError(f"{self.name}: l_inf = {self.l_inf:g} must be below every envelope point (the lowest "
+                           f"is {np.exp(y).min():.4g})")
         sol = self._solve(data, y, self._starts(data, y[0]), polish=True)
         if not sol.converged[0]:
             raise FitError(f"{self.name} fit did not converge (objective {sol.fun[0]:.4g})")

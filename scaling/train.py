@@ -187,7 +187,10 @@ def place(threads: int) -> Placement:
 class HeldSignals:
     """SIGUSR2 (Slurm's warning before a timeout or preemption, submitit's requeue signal) and SIGTERM (a shutdown)
     are held until the current step is done, so that the run can checkpoint exactly where it is; ``deliver`` then
-    restores the previous handlers (submitit's requeue, or the default) and sends the signal again.
+    sends every held signal, in the order they came, to the handlers installed before (submitit's requeue, or the
+    default), and holds again if training goes on (a handler that ignores the signal). Leaving the block without
+    an exception delivers what is still held: a signal during the last step reaches its handler once the run's
+    result is written.
 
     Only a single process in its main thread holds signals: data-parallel ranks would checkpoint at different steps.
     """
@@ -196,20 +199,24 @@ class HeldSignals:
 
     def __init__(self, active: bool) -> None:
         self.active = active and threading.current_thread() is threading.main_thread()
-        self.pending: int | None = None
+        self.pending: list[int] = []
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> HeldSignals:
-        if self.active:
-            self.previous = {sig: signal.signal(sig, self.hold) for sig in self.SIGNALS}
+        self.install()
         return self
 
+    def install(self) -> None:
+        if self.active:
+            self.previous = {sig: signal.signal(sig, self.hold) for sig in self.SIGNALS}
+
     def hold(self, signum: int, frame: Any) -> None:
-        self.pending = signum
+        if signum not in self.pending:
+            self.pending.append(signum)
 
     def __exit__(self, *exc: Any) -> None:
-        if exc[0] is None and self.pending is not None:
-            self.deliver()
+        if exc[0] is None:
+            self.deliver(again=False)
         self.restore()
 
     def restore(self) -> None:
@@ -217,11 +224,15 @@ class HeldSignals:
             signal.signal(sig, handler)
         self.previous = {}
 
-    def deliver(self) -> None:
-        sig, self.pending = self.pending, None
+    def deliver(self, again: bool = True) -> None:
+        held, self.pending = self.pending, []
+        if not held:
+            return
         self.restore()
-        if sig is not None:
-            os.kill(os.getpid(), sig)
+        for sig in held:
+            signal.raise_signal(sig)  # its handler runs now: submitit requeues and exits, the default ends us
+        if again:
+            self.install()
 
 
 def all_mean(t: Tensor, where: Placement) -> Tensor:
@@ -402,7 +413,7 @@ class Run:
             sums = self.add_router(stats, sums)
             rec.router_count += bool(stats)
             step = s + 1
-            held = self.signals.pending
+            held = self.signals.pending[0] if self.signals.pending else None
             boundary = step % train.log_every == 0 or step in evals or step == total
             save = step < total and (step % train.save_every == 0 or step == end or held is not None)
             if not (boundary or save):
@@ -511,21 +522,21 @@ def train_in_place(spec: RunSpec, run_dir: Path, stop_after_steps: int | None) -
     run.note_progress(run.record.step)
     run.record.status, run.record.error = "ok", None
     run.record.wall_s += time.perf_counter() - started  # data and model set-up
-    try:
-        with HeldSignals(active=where.world == 1) as run.signals:
+    with HeldSignals(active=where.world == 1) as run.signals:  # a stop signal is let through after the write
+        try:
             run.loop(stop_after_steps)
-    except KeyboardInterrupt:
-        run.record.status, run.record.error = "interrupted", "interrupted by the user"
+        except KeyboardInterrupt:
+            run.record.status, run.record.error = "interrupted", "interrupted by the user"
+            if where.main:
+                run.write(run.result())
+            raise
+        result = run.result()
         if where.main:
-            run.write(run.result())
-        raise
-    result = run.result()
-    if where.main:
-        run.write(result)
-        run.log(f"{result['status']}: {result['steps']} steps, eval loss {result['final_eval_loss']}, "
-                f"{result['tokens_per_s']:,.0f} tok/s")
-    if where.world > 1:  # no rank leaves (and tears down its process group) while rank 0 still writes
-        dist.barrier()
+            run.write(result)
+            run.log(f"{result['status']}: {result['steps']} steps, eval loss {result['final_eval_loss']}, "
+                    f"{result['tokens_per_s']:,.0f} tok/s")
+        if where.world > 1:  # no rank leaves (and tears down its process group) while rank 0 still writes
+            dist.barrier()
     return {k: v for k, v in result.items() if k not in ("metrics", "router")}
 
 

@@ -93,6 +93,10 @@ OK_SPARSITY = "[sparsity]\nexperts = [1]\n"
     (TOP + OK_SPARSITY + "[sizes]\ncenter = -1\n", "center >= 0"),
     (TOP + OK_SPARSITY + "[executor]\npartition = 3\n", "executor.partition must be a string"),
     (TOP + OK_SPARSITY + "[executor]\ncpus_per_task = 1.5\n", "executor.cpus_per_task must be a whole number"),
+    (TOP + OK_SPARSITY + "[executor]\ngpus_per_node = -1\n", "executor.gpus_per_node must be a whole number >= 0"),
+    (TOP + OK_SPARSITY + "[shape]\naspect_ratio = nan\n", "shape.aspect_ratio must be a finite number"),
+    (TOP + OK_SPARSITY + "[sizes]\ntokens_per_param = inf\n", "sizes.tokens_per_param must be a finite number"),
+    (TOP + OK_SPARSITY + "[train]\ngrad_clip = nan\n", "train.grad_clip must be a finite number"),
 ])
 def test_bad_values_are_one_clear_error(tmp_path, text, message):
     """Wrong types and impossible values: a ConfigError naming the file and the key, never a traceback."""
@@ -121,6 +125,11 @@ def assert_rejected(tmp_path, text: str, message: str) -> None:
         plan(load_sweep(path))
     assert message in str(info.value)
     assert "bad.toml" in str(info.value)
+
+
+def test_executor_table_accepts_what_the_executor_takes():
+    sweep = parse_sweep(base(executor={"gpus_per_node": 0, "mem_gb": 1.5, "cpus_per_task": 2, "partition": "debug"}))
+    assert sweep.executor == {"gpus_per_node": 0, "mem_gb": 1.5, "cpus_per_task": 2, "partition": "debug"}
 
 
 def test_budget_tolerance_and_capped_shapes_are_reported():

@@ -482,6 +482,9 @@ def test_envelope_from_parabola_vertices():
     assert errors["best"] > 10 * errors["vertex"]
     with pytest.raises(FitError, match="points must be 'best' or 'vertex'"):
         Envelope(points="mean")
+    lowest_vertex = l_inf + min(a * c**-alpha for a in amps.values() for c in BUDGETS)
+    with pytest.raises(FitError, match="must be below every envelope point"):  # vertices lie below the runs
+        Envelope(points="vertex", l_inf=lowest_vertex + 1e-4).fit(frame)
 
 
 def test_optima():
@@ -642,6 +645,18 @@ def test_cli_fit_csv_reads_a_published_file_through_column_mapping(monkeypatch, 
         assert code != 0 and out == "" and needle in err and "Traceback" not in err, err
 
 
+def test_cli_fit_csv_column_mapping_overrides_and_shares(tmp_path, monkeypatch, capsys):
+    """A mapped column replaces a same-named one, and one CSV column may feed two convention columns."""
+    frame = epoch_chinchilla()
+    path = tmp_path / "both.csv"
+    frame.rename(columns={"params": "N"}).assign(val_loss=frame["loss"], loss=99.0).to_csv(path, index=False)
+    code, out, err = scaling_cli(monkeypatch, capsys, "fit", "--csv", str(path), "--law", "chinchilla", "--format",
+                                 "json", "--column", "loss=val_loss", "--column", "params=N",
+                                 "--column", "active_params=N")
+    assert code == 0, err
+    assert json.loads(out)["params"]["E"] == pytest.approx(1.817, rel=0.01)
+
+
 def test_cli_fit_csv_where_selects_rows(monkeypatch, capsys):
     """``--where`` keeps one study's curated points of a multi-study file: the same fit as selecting in pandas."""
     path = str(PUBLISHED / "open_athena_isoflops_transform.csv")
@@ -784,10 +799,19 @@ def test_cli_fit_sweep_fits_one_sparsity_at_a_time(tmp_path, monkeypatch, capsys
     code, out, err = scaling_cli(monkeypatch, capsys, "fit", "small", "--law", "isoflop", "--db", db,
                                  "--sparsity", "0.5")
     assert code == 1 and "selects none of sweep 'small'" in err and "(sparsities: 0, 0.75)" in err
+    code, out, err = scaling_cli(monkeypatch, capsys, "fit", "small", "--law", "isoflop", "--db", db,
+                                 "--where", "sparsity > 0.5 AND run_id <> '?'")
+    assert code == 0, err
     code, out, err = scaling_cli(monkeypatch, capsys, "sql", "SELECT selection FROM fits ORDER BY created_at",
                                  "--db", db, "--format", "json")
     selections = [row["selection"] for row in json.loads(out)]
     assert "abs(sparsity - 0.75) < 1e-6" in selections[0] and "(sparsity > 0.5)" in selections[1]
+    assert "sweep = 'small'" in selections[2] and "run_id <> '?'" in selections[2]  # the stored SQL runs as is
+    code, out, err = scaling_cli(monkeypatch, capsys, "sql", selections[2], "--db", db, "--format", "csv")
+    assert code == 0 and len(out.splitlines()) - 1 == fits["--sparsity"]["n_points"]
+    code, out, err = scaling_cli(monkeypatch, capsys, "fit", "small", "--law", "isoflop", "--db", db,
+                                 "--sparsity", "nan")
+    assert code == 2 and "--sparsity" in err
 
 
 def test_weak_optimum_note_when_s_star_interval_spans_the_sampled_range():

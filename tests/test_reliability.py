@@ -324,6 +324,50 @@ def test_preemption_signal_checkpoints_where_the_run_is(tmp_path, monkeypatch):
     assert resumed["final_eval_loss"] == pytest.approx(straight["final_eval_loss"], abs=1e-6)
 
 
+def test_signals_held_to_the_end_of_the_run_and_in_order(tmp_path, monkeypatch):
+    """A stop signal during the last step reaches its handler after result.json is written; two signals in one
+    step (SIGUSR2 then SIGTERM, which submitit ignores) are both delivered, in order, so the requeue happens."""
+    from scaling import train
+    from scaling.config import RunSpec
+
+    monkeypatch.setenv("SCALING_THREADS", "1")
+    spec: RunSpec = plan(load_sweep(SMOKE)).runs.sort_values("steps").spec.iloc[0]
+    step = train.Run.step
+    received: list[str] = []
+
+    def requeue(signum, frame):
+        received.append(signal.Signals(signum).name)
+        raise SystemExit(-1)
+
+    def ignore(signum, frame):
+        received.append(signal.Signals(signum).name)
+
+    def signalled(at: int, *sigs: signal.Signals):
+        def run_step(self, s):
+            if s == at:
+                for sig in sigs:
+                    os.kill(os.getpid(), sig)
+            return step(self, s)
+        return run_step
+
+    previous = signal.signal(signal.SIGUSR2, requeue), signal.signal(signal.SIGTERM, ignore)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(train.Run, "step", signalled(spec.steps - 1, signal.SIGUSR2))
+            with pytest.raises(SystemExit):
+                train.train_run(spec, tmp_path / "last")
+        assert json.loads((tmp_path / "last" / "result.json").read_text())["status"] == "ok"
+        with monkeypatch.context() as m:
+            m.setattr(train.Run, "step", signalled(30, signal.SIGUSR2, signal.SIGTERM))
+            with pytest.raises(SystemExit):
+                train.train_run(spec, tmp_path / "two")
+        assert received == ["SIGUSR2", "SIGUSR2"]  # the requeue ended the run before SIGTERM's turn
+        assert "checkpointed at step 31 on SIGUSR2" in (tmp_path / "two" / "log.txt").read_text()
+    finally:
+        signal.signal(signal.SIGUSR2, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Ctrl-C
 

@@ -134,10 +134,13 @@ def test_ctrl_c_while_planning_stores_nothing_half_done(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner, "prepare", interrupted)
     executor = Scripted({})
-    outcome = sweep_pass(db, executor)
-    assert outcome.interrupted and executor.submitted == []
-    con = connect(db, read_only=True)
+    con = connect(db)
     try:
+        outcome = run_sweep(con, SWEEP, executor, tmp_path / "runs", poll_s=0)
+        assert outcome.interrupted and executor.submitted == []
+        # the driver's connection is usable and the half-written plan is gone (not merely uncommitted)
         assert con.execute("SELECT count(*) FROM sweeps").fetchall()[0][0] == 0
+        con.execute("BEGIN")
+        con.execute("ROLLBACK")
     finally:
         con.close()
