@@ -63,15 +63,19 @@ def count_status(con: duckdb.DuckDBPyConnection, sweep: str, statuses: tuple[str
                        "WHERE s.sweep = ? AND list_contains(?, r.status)", [sweep, list(statuses)]).fetchall()[0][0]
 
 
+def to_train(runs: pd.DataFrame, retries: int) -> pd.DataFrame:
+    """The runs (columns status, attempts, flops) that are not finished: never ``ok`` or ``diverged``, and failed
+    ones only while attempts ≤ retries (an attempt is a submission that started the run afresh; resuming an
+    interrupted run continues its attempt); largest first."""
+    todo = ~runs.status.isin(["ok", "diverged"]) & ~((runs.status == "failed") & (runs.attempts > retries))
+    return runs[todo].sort_values("flops", ascending=False, kind="stable").reset_index(drop=True)
+
+
 def runs_to_do(con: duckdb.DuckDBPyConnection, sweep: str, retries: int) -> pd.DataFrame:
-    """Runs that are not finished: never ``ok`` or ``diverged``, and failed ones only while attempts ≤ retries
-    (an attempt is a submission that started the run afresh; resuming an interrupted run continues its attempt)."""
-    return con.execute("""
+    """The sweep's runs in the store that ``to_train`` keeps."""
+    return to_train(con.execute("""
         SELECT r.run_id, r.spec, r.run_dir, r.flops, r.status, r.attempts, r.error
-        FROM runs r JOIN sweep_runs s USING (run_id)
-        WHERE s.sweep = ? AND r.status NOT IN ('ok', 'diverged')
-          AND NOT (r.status = 'failed' AND r.attempts > ?)
-        ORDER BY r.flops DESC""", [sweep, retries]).df()
+        FROM runs r JOIN sweep_runs s USING (run_id) WHERE s.sweep = ?""", [sweep]).df(), retries)
 
 
 def dry_run(db: str | None, sweep: SweepConfig, retries: int) -> pd.DataFrame:
@@ -90,9 +94,8 @@ def dry_run(db: str | None, sweep: SweepConfig, retries: int) -> pd.DataFrame:
             measured = con.execute("SELECT median(flops_per_s) FROM runs WHERE status = 'ok'").fetchall()[0][0]
         finally:
             con.close()
-    table = runs.merge(known, on="run_id", how="left").fillna({"status": "planned", "attempts": 0})
-    todo = ~table.status.isin(["ok", "diverged"]) & ~((table.status == "failed") & (table.attempts > retries))
-    table = table[todo].sort_values("flops", ascending=False)
+    table = to_train(runs.merge(known, on="run_id", how="left").fillna({"status": "planned", "attempts": 0}),
+                     retries)
     return table[["run_id", "status", "flops"]].assign(est_seconds=table.flops / (measured or DEFAULT_FLOPS_PER_S))
 
 
