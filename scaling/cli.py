@@ -161,15 +161,22 @@ def sweep_name(sweep: str | None) -> str | None:
     return sweep
 
 
+def assignments(pairs: tuple[str, ...], option: str, metavar: str) -> dict[str, str]:
+    """``("loss=val_loss", ...)`` -> ``{"loss": "val_loss", ...}``; anything else is a usage error."""
+    bad = [p for p in pairs if p.count("=") != 1 or not all(p.split("="))]
+    if bad:
+        raise click.BadParameter(f"expected {metavar}, got {', '.join(map(repr, bad))}", param_hint=option)
+    return dict(p.split("=") for p in pairs)
+
+
 def frozen_options(law: str, pairs: tuple[str, ...]) -> dict:
     """``--freeze NAME=VALUE`` as the law's constructor options (``frozen``, or the envelope's ``l_inf``)."""
     values = {}
-    for pair in pairs:
-        name, _, value = pair.partition("=")
+    for name, value in assignments(pairs, "--freeze", "NAME=VALUE").items():
         try:
             values[name] = float(value)
         except ValueError:
-            raise click.BadParameter(f"expected NAME=VALUE with a number, got {pair!r}",
+            raise click.BadParameter(f"expected NAME=VALUE with a number, got {name}={value}",
                                      param_hint="--freeze") from None
     if not values:
         return {}
@@ -180,14 +187,6 @@ def frozen_options(law: str, pairs: tuple[str, ...]) -> dict:
             raise click.BadParameter("the envelope law can pin L_inf only", param_hint="--freeze")
         return {"l_inf": values["L_inf"]}
     return {"frozen": values}
-
-
-def column_map(pairs: tuple[str, ...]) -> dict[str, str]:
-    """``("loss=val_loss", ...)`` -> ``{"loss": "val_loss", ...}``."""
-    bad = [p for p in pairs if p.count("=") != 1 or not all(p.split("="))]
-    if bad:
-        raise click.BadParameter(f"expected OURS=THEIRS, got {', '.join(map(repr, bad))}", param_hint="--column")
-    return dict(p.split("=") for p in pairs)
 
 
 @cli.command()
@@ -226,7 +225,7 @@ def fit(sweep: str | None, law: str, csv_path: str | None, columns: tuple[str, .
     options = dict(where=where, sparsity=sparsity, bootstrap=bootstrap, budget=budget, unique_tokens=unique_tokens,
                    seed=seed, **frozen_options(law, freeze))
     if csv_path:
-        result = fit_frame(csv_path, law, columns=column_map(columns), **options)
+        result = fit_frame(csv_path, law, columns=assignments(columns, "--column", "OURS=THEIRS"), **options)
     elif sweep:
         result = fit_sweep(db, sweep_name(sweep), law, **options)
     else:
