@@ -145,20 +145,24 @@ def fake_run(run_dir, row, difficulty, rng):
         "metrics": [], "router": []}))
 
 
-@pytest.fixture
-def store(tmp_path):
+def store_with(tmp_path, n_runs: int | None, difficulty: np.ndarray, rng: np.random.Generator):
+    """The similarity sweep planned into a store, the first ``n_runs`` (None: all) with run files, ingested."""
     db = tmp_path / "r.duckdb"
     con = connect(db)
     sweep = store_sweep()
     runs = plan(sweep).runs
     register_plan(con, sweep, runs, tmp_path / "runs")
-    rng = np.random.default_rng(5)
-    difficulty = rng.gamma(2.0, 1.0, 2048)
-    for row in runs.itertuples():
+    for row in list(runs.itertuples())[:n_runs]:
         fake_run(tmp_path / "runs" / row.run_id, row, difficulty, rng)
         ingest_run(con, tmp_path / "runs" / row.run_id)
     con.close()
     return db, runs
+
+
+@pytest.fixture
+def store(tmp_path):
+    rng = np.random.default_rng(5)
+    return store_with(tmp_path, None, rng.gamma(2.0, 1.0, 2048), rng)
 
 
 def test_similarity_command_writes_table_and_figures(store, tmp_path, capsys):
@@ -197,15 +201,7 @@ def cli_errors_ready() -> bool:
 
 @pytest.mark.skipif(not cli_errors_ready(), reason="the CLI's error handler needs scaling.data and scaling.laws")
 def test_cli_needs_two_runs_with_token_losses(tmp_path):
-    db = tmp_path / "r.duckdb"
-    con = connect(db)
-    sweep = store_sweep()
-    runs = plan(sweep).runs
-    register_plan(con, sweep, runs, tmp_path / "runs")
-    row = next(runs.itertuples())
-    fake_run(tmp_path / "runs" / row.run_id, row, np.ones(64), np.random.default_rng(0))
-    ingest_run(con, tmp_path / "runs" / row.run_id)
-    con.close()
+    db, _ = store_with(tmp_path, 1, np.ones(64), np.random.default_rng(0))
     done = subprocess.run([SCALING, "similarity", "sim", "--db", str(db), "--format", "csv", "--out",
                            str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 1 and done.stdout == ""
