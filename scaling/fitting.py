@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from scaling.laws import FitError, fit_law
-from scaling.store import connect, save_fit
+from scaling.store import connect, literal, save_fit
 
 ONE_SPARSITY = ("isoflop", "chinchilla", "data-constrained")  # the laws that know nothing of sparsity
 
@@ -94,9 +94,10 @@ def one_sparsity(frame: pd.DataFrame, law: str, source: str | Path) -> pd.DataFr
     return frame
 
 
-def points_sql(where: str | None = None, sparsity: float | None = None) -> str:
-    """The store query behind a fit of one sweep's finished runs (the sweep's name is its one parameter)."""
-    conditions = ["sweep = ?", "loss IS NOT NULL"]
+def points_sql(where: str | None = None, sparsity: float | None = None, sweep: str = "?") -> str:
+    """The store query behind a fit of one sweep's finished runs; ``sweep``: the name as a SQL literal, or a
+    parameter placeholder."""
+    conditions = [f"sweep = {sweep}", "loss IS NOT NULL"]
     if sparsity is not None:
         conditions.append(f"abs(sparsity - {float(sparsity)!r}) < 1e-6")
     if where:
@@ -131,9 +132,7 @@ def fit_sweep(db: str | None, sweep: str, law: str, where: str | None = None, sp
     result = fit_law(frame, law, **options)
     con = connect(db)
     try:
-        sweep_literal = "'" + sweep.replace("'", "''") + "'"
-        save_fit(con, sweep, result, selection=points_sql(where, sparsity).replace("sweep = ?",
-                                                                                    f"sweep = {sweep_literal}", 1))
+        save_fit(con, sweep, result, selection=points_sql(where, sparsity, literal(sweep)))
     finally:
         con.close()
     return result

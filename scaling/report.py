@@ -26,7 +26,7 @@ import pandas as pd
 from scaling import plots
 from scaling.bootstrap import percentile_intervals
 from scaling.laws import LAWS, FitError, Law, summarize
-from scaling.store import StoreError, connect, db_path, runs_frame, save_fit
+from scaling.store import StoreError, connect, db_path, literal, runs_frame, save_fit
 
 RUNS_SQL = """SELECT s.budget, r.run_id, r.status, r.sparsity, r.n_experts, r.top_k, r.params, r.active_params,
        r.tokens, r.epochs, r.seed, r.final_eval_loss
@@ -46,11 +46,6 @@ FIT_SQL = "SELECT parameter, value, ci_lo, ci_hi FROM fit_params WHERE fit_id = 
 RUN_COLUMNS = {"budget": "budget C", "run_id": "run", "status": "status", "sparsity": "S", "n_experts": "E",
                "top_k": "k", "params": "params", "active_params": "active params", "tokens": "tokens D",
                "epochs": "epochs", "seed": "seed", "final_eval_loss": "final eval loss"}
-
-
-def literal(value: str) -> str:
-    """A SQL string literal."""
-    return "'" + str(value).replace("'", "''") + "'"
 
 
 @dataclass

@@ -103,6 +103,11 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
+def literal(value: str) -> str:
+    """A SQL string literal."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
 def db_path(path: str | os.PathLike | None = None) -> Path:
     """``--db`` if given, else ``$SCALING_DB``, else ``scaling.duckdb`` in the working directory."""
     return Path(path or os.environ.get("SCALING_DB") or DEFAULT_DB)
