@@ -131,8 +131,8 @@ def source_stamp(corpus: str) -> str:
     """Size and modification time of a user's corpus file(s), so that an edited corpus is tokenized again."""
     path = Path(corpus).expanduser()
     files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
-    stamps = [(str(f.relative_to(path)) if path.is_dir() else f.name, f.stat().st_size, f.stat().st_mtime_ns)
-              for f in files]
+    stamps = [(str(f.relative_to(path)) if path.is_dir() else f.name, st.st_size, st.st_mtime_ns)
+              for f in files for st in [f.stat()]]
     return hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:16]
 
 

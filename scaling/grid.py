@@ -66,6 +66,8 @@ def model_config(d_model: int, n_layers: int, variant: Variant, sweep: SweepConf
 
 
 BUDGET_TOLERANCE = 0.01  # a run's FLOPs lie within 1% of its budget
+DUPLICATE_SHAPE = ("duplicate shape of a nearby size (the shape rules' head_dim, min_d_model or max_layers allow "
+                   "no other)")
 
 
 def target_sizes(budget: float, sweep: SweepConfig) -> np.ndarray:
@@ -94,10 +96,7 @@ def plan(sweep: SweepConfig) -> Plan:
             for target in target_sizes(budget, sweep):
                 cfg = shape_for(target, variant, sweep)
                 if cfg in shapes:
-                    dropped.append({"budget": budget, "sparsity": variant.sparsity, "n_experts": variant.n_experts,
-                                    "top_k": variant.top_k, "d_model": cfg.d_model, "n_layers": cfg.n_layers,
-                                    "target_active": target, "reason": "duplicate shape of a nearby size (the shape "
-                                    "rules' head_dim, min_d_model or max_layers allow no other)"})
+                    dropped.append({**describe(budget, variant, cfg, target), "reason": DUPLICATE_SHAPE})
                     continue
                 shapes[cfg] = target
             for cfg, target in shapes.items():
@@ -105,9 +104,7 @@ def plan(sweep: SweepConfig) -> Plan:
                 steps = round(budget / (fpt * batch_tokens))
                 tokens = steps * batch_tokens
                 epochs = tokens / sweep.unique_tokens
-                point = {"budget": budget, "sparsity": variant.sparsity, "n_experts": variant.n_experts,
-                         "top_k": variant.top_k, "d_model": cfg.d_model, "n_layers": cfg.n_layers,
-                         "target_active": target, "steps": steps, "epochs": epochs}
+                point = {**describe(budget, variant, cfg, target), "steps": steps, "epochs": epochs}
                 if steps and abs(fpt * tokens / budget - 1) > BUDGET_TOLERANCE:
                     dropped.append({**point, "reason": f"budget missed by more than {BUDGET_TOLERANCE:.0%} "
                                     "(too few steps to round to)"})
@@ -129,6 +126,12 @@ def plan(sweep: SweepConfig) -> Plan:
                           f"({len(dropped)} points dropped: {summarize(dropped)})")
     return Plan(runs=runs.drop_duplicates("run_id").reset_index(drop=True),
                 dropped=pd.DataFrame(dropped))
+
+
+def describe(budget: float, variant: Variant, cfg: ModelConfig, target: float) -> dict:
+    """A grid point as the dropped-points table shows it."""
+    return {"budget": budget, "sparsity": variant.sparsity, "n_experts": variant.n_experts, "top_k": variant.top_k,
+            "d_model": cfg.d_model, "n_layers": cfg.n_layers, "target_active": target}
 
 
 COLUMNS = ["run_id", "budget", "flops", "flops_6nd", "params", "active_params", "embedding_params",
