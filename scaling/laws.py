@@ -452,6 +452,10 @@ class Law:
         self.bootstrap, self.seed, self.level = int(bootstrap), seed, level
         self._reset()
 
+    def optimum_notes(self, ci: dict[str, tuple[float, float]]) -> list[str]:
+        """What a reader must know about the intervals of the optimum (``summarize`` adds them to the notes)."""
+        return []
+
     def _reset(self) -> None:
         """Forget a previous fit (called first by every ``fit``)."""
         self.params_: dict[str, float] = {}
@@ -1028,6 +1032,16 @@ class Sparsity(_Parametric):
         return {"C": float(C), "S_star": s_star, "N_active": n_active,
                 "N_total": float(total(np.array(n_active), np.array(s_star))), "D": d, **limits, "loss": best}
 
+    def optimum_notes(self, ci: dict[str, tuple[float, float]]) -> list[str]:
+        """Say so when the interval on S* covers most of the sparsities the runs sampled."""
+        if "S_star" not in ci:
+            return []
+        lo, hi = ci["S_star"]
+        if hi - lo < 0.75 * self.s_max_:
+            return []
+        return [f"S_star is weakly identified: its {self.level:.0%} interval {lo:.3g}–{hi:.3g} spans most of the "
+                f"sampled sparsities (0–{self.s_max_:.3g}); more sizes or seeds per sparsity would narrow it"]
+
     def supported_sizes(self, C: float) -> tuple[float, float]:
         """The active sizes at budget C (C = 6·N_active·D) whose tokens per active parameter lie within the
         fitted runs' range."""
@@ -1460,7 +1474,7 @@ def summarize(model: Law, law: str, budget: float | None = None, unique_tokens: 
             draws = pd.DataFrame([model.optimum(budget, params=row, **limit)
                                   for row in model.bootstrap_.to_dict("records")])
             ci.update(percentile_intervals(draws.drop(columns=["C", "U"], errors="ignore"), model.level))
-            notes += weak_optimum_note(model, ci)
+            notes += model.optimum_notes(ci)
     if unique_tokens is not None and not model.uses_unique_tokens:
         notes.append(f"unique_tokens is not used by the {law} law")
     elif unique_tokens is not None and budget is None:
@@ -1469,17 +1483,6 @@ def summarize(model: Law, law: str, budget: float | None = None, unique_tokens: 
             "ci": {k: [float(lo), float(hi)] for k, (lo, hi) in ci.items() if np.isfinite([lo, hi]).all()},
             "optimum": _plain(optimum), "objective": float(model.objective_),
             "n_points": int(model.n_points_), "notes": notes}
-
-
-def weak_optimum_note(model: Law, ci: dict[str, tuple[float, float]]) -> list[str]:
-    """Say so when the interval on S* covers most of the sparsities the runs sampled."""
-    if "S_star" not in ci or not getattr(model, "s_max_", 0):
-        return []
-    lo, hi = ci["S_star"]
-    if hi - lo < 0.75 * model.s_max_:
-        return []
-    return [f"S_star is weakly identified: its {model.level:.0%} interval {lo:.3g}–{hi:.3g} spans most of the "
-            f"sampled sparsities (0–{model.s_max_:.3g}); more sizes or seeds per sparsity would narrow it"]
 
 
 def _plain(values: dict[str, Any]) -> dict[str, float]:

@@ -815,12 +815,11 @@ def test_cli_fit_sweep_fits_one_sparsity_at_a_time(tmp_path, monkeypatch, capsys
 
 
 def test_weak_optimum_note_when_s_star_interval_spans_the_sampled_range():
-    from types import SimpleNamespace
-
-    model = SimpleNamespace(s_max_=0.875, level=0.95)
-    assert laws.weak_optimum_note(model, {"S_star": (0.0, 0.875)})[0].startswith("S_star is weakly identified")
-    assert laws.weak_optimum_note(model, {"S_star": (0.4, 0.6)}) == []
-    assert laws.weak_optimum_note(model, {"a": (0.4, 0.6)}) == []
+    model = Sparsity()
+    model.s_max_ = 0.875  # as fitted on runs up to S = 0.875
+    assert model.optimum_notes({"S_star": (0.0, 0.875)})[0].startswith("S_star is weakly identified")
+    assert model.optimum_notes({"S_star": (0.4, 0.6)}) == []
+    assert model.optimum_notes({"a": (0.4, 0.6)}) == []
 
 
 def test_cli_fit_freeze_holds_parameters(monkeypatch, capsys):
