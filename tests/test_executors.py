@@ -17,7 +17,8 @@ def work(spec: dict, run_dir: str) -> dict:
     path = Path(run_dir)
     path.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    (path / "started").write_text(str(os.getpid()))
+    (path / "started.tmp").write_text(str(os.getpid()))
+    os.replace(path / "started.tmp", path / "started")  # the test reads the pid as soon as the file exists
     print(f"working on {spec['name']}")
     action = spec.get("action", "ok")
     if action == "raise":
