@@ -33,7 +33,7 @@ from train_throughput import Bench, matmul_gflops
 from scaling.config import ModelConfig, SweepConfig, load_sweep
 from scaling.flops import train_flops_per_token
 from scaling.grid import plan
-from scaling.model import Attention
+from scaling.model import Attention, batched_attention_wins
 from scaling.train import keep_freed_memory
 
 PATHS = ("auto", "sdpa")
@@ -86,7 +86,8 @@ def measure(sweep: SweepConfig, repeats: int, steps: int, clock: str, family_exp
     gflops = {path: {cfg: train_flops_per_token(cfg) * batch * cfg.context / statistics.median(seconds[cfg, path])
                      / 1e9 for cfg in shapes} for path in PATHS}
     rows = [{"d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_experts": cfg.n_experts, "top_k": cfg.top_k,
-             "head_dim": cfg.head_dim, "batched_attention": Attention(cfg).batched,
+             "head_dim": cfg.head_dim,
+             "batched_attention": batched_attention_wins(cfg.context, cfg.head_dim, cfg.n_heads),
              "gflops": {path: gflops[path][cfg] for path in PATHS},
              "peak_fraction": {path: statistics.median(fraction[cfg, path]) for path in PATHS},
              "speedup": statistics.median(s / a for s, a in zip(seconds[cfg, "sdpa"], seconds[cfg, "auto"],
