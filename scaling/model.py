@@ -154,9 +154,9 @@ class MoE(nn.Module):
         noisy = logits
         if self.noise is not None and self.training:
             noisy = logits + torch.randn_like(logits) * F.softplus(self.noise(x).float())
-        log_probs = noisy.log_softmax(-1)
+        log_probs = noisy - noisy.logsumexp(-1, keepdim=True)  # log_softmax's kernel is slow for E ≤ 8 (measured)
         probs = log_probs.exp()
-        gates, chosen = probs.topk(k, dim=-1)
+        gates, chosen = probs.max(-1, keepdim=True) if k == 1 else probs.topk(k, dim=-1)
         if k > 1:  # renormalise over the chosen k; top-1 keeps its probability so the router gets a gradient
             gates = gates / gates.sum(-1, keepdim=True)
 
@@ -164,7 +164,7 @@ class MoE(nn.Module):
         flat = chosen.t().reshape(-1)
         counts = torch.bincount(flat, minlength=E)
         order = flat.argsort(stable=True)
-        token, gate = order % n_tokens, gates.t().reshape(-1)[order]
+        token, gate = order % n_tokens if k > 1 else order, gates.t().reshape(-1)[order]
         kept = counts
         if cfg.capacity_factor > 0:
             capacity = math.ceil(cfg.capacity_factor * n_tokens * k / E)
@@ -180,8 +180,9 @@ class MoE(nn.Module):
         load = counts.float() / flat.numel()
         aux_loss = cfg.aux_loss_coef * E * (load * probs.mean(0)).sum()
         z_loss = cfg.z_loss_coef * logits.logsumexp(-1).square().mean()
-        stats = RouterStats(load=load, entropy=-(probs * log_probs).sum(-1).mean().detach(),
-                            dropped=1 - kept.sum() / flat.numel())
+        with torch.no_grad():
+            stats = RouterStats(load=load, entropy=-(probs * log_probs).sum(-1).mean(),
+                                dropped=1 - kept.sum() / flat.numel())
         return y.view(shape), MoEOutput(aux_loss, z_loss, stats)
 
 

@@ -260,7 +260,7 @@ def train_step(net: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
     """Backprop CE + aux + z, clip, update; returns detached [loss, ce, aux, z], router stats."""
     with autocast:
         _, ce, aux = net(x, y)
-    loss = ce + aux["aux_loss"] + aux["z_loss"]
+    loss = ce + aux["aux_loss"] + aux["z_loss"] if aux["router"] else ce  # dense: no zero-valued terms to add
     loss.backward()
     params = [p for group in opt.param_groups for p in group["params"]]
     nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)

@@ -125,6 +125,31 @@ def test_moe_losses():
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
+def test_router_terms_match_log_softmax_definition(top_k):
+    """The router's log-probabilities (logits − logsumexp) and top-1 choice (max) give the entropy, the
+    balancing and z losses and their router gradients of the log_softmax / topk definition."""
+    torch.manual_seed(0)
+    cfg = config(n_experts=8, top_k=top_k)
+    moe = Transformer(cfg).blocks[0].ffn
+    x = torch.randn(96, cfg.d_model)
+    _, out = moe(x)
+    got = torch.autograd.grad(out.aux_loss + out.z_loss, moe.router.weight)[0]
+    logits = x @ moe.router.weight.T
+    log_probs = logits.log_softmax(-1)
+    chosen = log_probs.topk(top_k).indices.flatten()
+    load = torch.bincount(chosen, minlength=8) / chosen.numel()
+    aux = cfg.aux_loss_coef * 8 * (load * log_probs.exp().mean(0)).sum()
+    z = cfg.z_loss_coef * torch.logsumexp(logits, -1).square().mean()
+    want = torch.autograd.grad(aux + z, moe.router.weight)[0]
+    torch.testing.assert_close(out.stats.load, load)
+    torch.testing.assert_close(out.aux_loss, aux.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
+    entropy = -(log_probs.exp() * log_probs).sum(-1).mean()
+    torch.testing.assert_close(out.stats.entropy, entropy.detach(), rtol=1e-6, atol=0)
+    assert not out.stats.entropy.requires_grad
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
 def test_moe_gradients_match_reference(top_k):
     torch.manual_seed(0)
     moe = Transformer(config(n_experts=4, top_k=top_k, shared_experts=1)).blocks[0].ffn.eval()
