@@ -255,6 +255,15 @@ def evaluate(model: Transformer, x: Tensor, y: Tensor, n_eval: int, n_tokens: in
     return losses[:n_eval].mean().item(), losses[:n_tokens].float().cpu().numpy()
 
 
+def clip_grad_norm(grads: list[Tensor], max_norm: float) -> Tensor:
+    """Scale ``grads`` (one device and dtype) in place to a total L2 norm of at most ``max_norm``; returns the
+    norm before clipping. The arithmetic of ``nn.utils.clip_grad_norm_(foreach=True)`` op for op (bit-identical,
+    tested) without its per-call grouping of tensors by device and dtype: half its time on small models."""
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp_(max=1.0))
+    return total
+
+
 def train_step(net: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, grad_clip: float,
                autocast: contextlib.AbstractContextManager) -> tuple[Tensor, list]:
     """Backprop CE + aux + z, clip, update; returns detached [loss, ce, aux, z], router stats."""
@@ -262,8 +271,7 @@ def train_step(net: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
         _, ce, aux = net(x, y)
     loss = ce + aux["aux_loss"] + aux["z_loss"] if aux["router"] else ce  # dense: no zero-valued terms to add
     loss.backward()
-    params = [p for group in opt.param_groups for p in group["params"]]
-    nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+    clip_grad_norm([p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None], grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return torch.stack([loss, ce, aux["aux_loss"], aux["z_loss"]]).detach(), aux["router"]

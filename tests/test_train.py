@@ -16,7 +16,8 @@ from scaling import train
 from scaling.config import ModelConfig, RunSpec, TrainConfig
 from scaling.data import prepare
 from scaling.flops import param_counts
-from scaling.train import eval_steps, execute, lr_at, train_run
+from scaling.model import Transformer
+from scaling.train import clip_grad_norm, eval_steps, execute, lr_at, train_run
 
 REPO_CACHE = Path(__file__).resolve().parents[1] / "data" / "cache"
 STEPS, BATCH, CONTEXT = 40, 16, 32
@@ -148,6 +149,22 @@ def test_planted_nan_marks_diverged(tmp_path, monkeypatch):
     assert arrays["steps"].tolist() == [4, 8]
     assert result["final_eval_loss"] == pytest.approx(arrays["eval_loss"][-1])
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])  # clipped, and left alone
+def test_clip_grad_norm_is_torchs(max_norm):
+    """The trainer's clipping gives torch's clip_grad_norm_ gradients and norm bit for bit."""
+    torch.manual_seed(0)
+    model = Transformer(make_spec(n_experts=4).model)
+    x = torch.randint(0, 256, (4, CONTEXT))
+    _, loss, aux = model(x, x)
+    (loss + aux["aux_loss"] + aux["z_loss"]).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    want = torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_norm, foreach=True)
+    got = clip_grad_norm(grads, max_norm)
+    assert torch.equal(got, want)
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters(), strict=True))
+    assert (got > max_norm) == (max_norm < 1)
 
 
 def test_schedules_and_checkpoint_steps():
