@@ -239,6 +239,33 @@ def fit(sweep: str | None, law: str, csv_path: str | None, columns: tuple[str, .
 
 
 @cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--sweep", "sweep", required=True, help="name of the external sweep the runs go into")
+@click.option("--column", "columns", multiple=True, metavar="OURS=THEIRS",
+              help="read convention column OURS from the file's column THEIRS (repeatable), as for fit --csv")
+@click.option("--key", default=None, metavar="COLUMN",
+              help="the file's column naming each run [default: a hash of the row's config columns]")
+@click.option("--curves", type=click.Path(dir_okay=False), default=None,
+              help="long-format training curves: run (a --key value), step and/or tokens, loss, optionally lr")
+@click.option("--curve-column", "curve_columns", multiple=True, metavar="OURS=THEIRS",
+              help="read curve column OURS (run, step, tokens, loss, eval_loss, train_loss, lr, wall_s) from "
+                   "THEIRS (repeatable)")
+@DB
+@FORMAT
+def ingest(file: str, sweep: str, columns: tuple[str, ...], key: str | None, curves: str | None,
+           curve_columns: tuple[str, ...], db: str | None, fmt: str) -> None:
+    """Store runs trained elsewhere (CSV, Parquet, JSON Lines) as an external sweep; rerun after the file
+    changes."""
+    from scaling.ingest import ingest_file
+
+    done = ingest_file(db, file, sweep, columns=assignments(columns, "--column", "OURS=THEIRS"), key=key,
+                       curves=curves, curve_columns=assignments(curve_columns, "--curve-column", "OURS=THEIRS"))
+    emit(done.table(), fmt, title=f"sweep {sweep}")
+    for note in done.notes:
+        err(f"note: {note}")
+
+
+@cli.command()
 @click.argument("sweep")
 @DB
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="[default: reports/SWEEP]")

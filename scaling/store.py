@@ -21,7 +21,7 @@ import pandas as pd
 
 from scaling.config import SweepConfig
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_DB = "scaling.duckdb"
 
 
@@ -39,6 +39,7 @@ RUN_COLUMNS = {
     "final_train_loss": "DOUBLE", "final_eval_loss": "DOUBLE", "tokens_seen": "BIGINT", "epochs_done": "DOUBLE",
     "diverged_step": "INTEGER", "wall_s": "DOUBLE", "train_s": "DOUBLE", "tokens_per_s": "DOUBLE",
     "flops_per_s": "DOUBLE", "started_at": "TIMESTAMP", "finished_at": "TIMESTAMP", "ingested_at": "TIMESTAMP",
+    "source": "VARCHAR DEFAULT 'trained'",
 }
 PLANNED = ["flops", "flops_6nd", "params", "active_params", "embedding_params", "sparsity", "param_sparsity",
            "n_experts", "top_k", "d_model", "n_layers", "n_heads", "lr", "steps", "tokens", "unique_tokens",
@@ -64,6 +65,13 @@ CREATE TABLE IF NOT EXISTS fits (fit_id VARCHAR PRIMARY KEY, sweep VARCHAR, law 
 CREATE TABLE IF NOT EXISTS fit_values (fit_id VARCHAR, parameter VARCHAR, value DOUBLE, ci_lo DOUBLE,
     ci_hi DOUBLE, PRIMARY KEY (fit_id, parameter));
 """
+
+MIGRATIONS: dict[int, list[str]] = {
+    2: ["ALTER TABLE runs ADD COLUMN source VARCHAR DEFAULT 'trained'"],
+}
+"""SQL bringing a file of the previous version up to each version; a writer applies the missing ones in order, in
+one transaction, when it opens an older file. Version 2: ``runs.source`` ('trained', or the file an external run
+was ingested from)."""
 
 VIEWS = {
     "final_losses": """
@@ -137,12 +145,28 @@ def init_schema(con: duckdb.DuckDBPyConnection, path: Path) -> None:
         con.close()
         raise StoreError(f"{path} is a DuckDB file of something else (tables: {', '.join(sorted(tables)[:5])}), "
                          "not a scaling results database: pass another --db")
+    version = check_version(con, path) if tables else None
+    if version is not None and version < SCHEMA_VERSION:
+        migrate(con, version)
     con.execute(SCHEMA)
-    version = check_version(con, path)
     if version is None:
         con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
     for name, sql in VIEWS.items():
         con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
+
+
+def migrate(con: duckdb.DuckDBPyConnection, version: int) -> None:
+    """Apply ``MIGRATIONS`` after ``version`` in one transaction (all or nothing) and record the new version."""
+    con.execute("BEGIN")
+    try:
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[step]:
+                con.execute(statement)
+        con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
 
 
 def check_version(con: duckdb.DuckDBPyConnection, path: Path) -> int | None:
