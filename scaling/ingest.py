@@ -40,9 +40,17 @@ STORED = [c for c in dict.fromkeys(["params", "active_params", "tokens", "unique
           if c not in ("flops_6nd", "epochs", "started_at", "finished_at")]  # derived here, or not numbers
 INTEGER = ("params", "active_params", "embedding_params", "tokens", "unique_tokens", "tokens_seen")
 BIGINT_MAX = 2**63 - 1
+
+
+def read_parquet(path: Path) -> pd.DataFrame:
+    """A Parquet file through DuckDB (no pyarrow needed)."""
+    with duckdb.connect() as con:
+        return con.execute("SELECT * FROM read_parquet(?)", [str(path)]).df()
+
+
 CURVE_VALUES = ("step", "tokens", "loss", "eval_loss", "train_loss", "lr", "wall_s")
-READERS = {".csv": pd.read_csv, ".tsv": lambda p: pd.read_csv(p, sep="\t"), ".parquet": pd.read_parquet,
-           ".pq": pd.read_parquet, ".jsonl": lambda p: pd.read_json(p, lines=True),
+READERS = {".csv": pd.read_csv, ".tsv": lambda p: pd.read_csv(p, sep="\t"), ".parquet": read_parquet,
+           ".pq": read_parquet, ".jsonl": lambda p: pd.read_json(p, lines=True),
            ".ndjson": lambda p: pd.read_json(p, lines=True), ".json": lambda p: pd.read_json(p, lines=True)}
 
 

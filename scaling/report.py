@@ -316,9 +316,9 @@ def draw(data: SweepData, fits: list[Fit], unique_tokens: float, folder: Path) -
          "half a new one (1 + R_D*·ln 2 epochs).",
          lambda: plots.epochs_plot(points, repetition_frame(named(fits, "data-constrained"), points,
                                                             unique_tokens), r_d_star(named(fits, "data-constrained"))),
-         "no finished runs"),
+         "no finished runs with a unique-token count (epochs)"),
         ("gap", "Final eval minus final train loss against epochs: how much repetition overfits, by sparsity.",
-         lambda: plots.gap_plot(data.finals), "no finished runs"),
+         lambda: plots.gap_plot(data.finals), "no finished runs with both a final train and eval loss and epochs"),
         ("curves", "Eval loss during training at the largest budget against tokens and against wall-clock time.",
          lambda: plots.curves_plot(data.curves), "no logged eval losses"),
         ("router_load", "Load per expert and layer over training (1 = balanced), one run per sparsity.",
@@ -508,6 +508,16 @@ def fit_html(fit: Fit, sweep: str) -> str:
             f"{f'<ul class=notes>{notes}</ul>' if notes else ''}</div>")
 
 
+def external_note(config: dict[str, Any]) -> list[str]:
+    """For a sweep of runs trained elsewhere (``scaling ingest``): where they came from and what they lack."""
+    if config.get("source") != "external":
+        return []
+    curves = "" if config.get("curves") else ", training curves (none were ingested)"
+    return [f"<p class=meta>External sweep ingested from {html.escape(str(config.get('file')))}: its runs have no "
+            f"run files, so there are no router statistics or per-token losses{curves}; figures and laws without "
+            "the data they need say so in their place.</p>"]
+
+
 def page(sweep: str, db: str | None, data: SweepData, fits: list[Fit], figures: list[Figure], result: dict[str, Any],
          notes: list[str], bootstrap: int) -> str:
     """The whole report as one HTML page (no external resources)."""
@@ -521,6 +531,7 @@ def page(sweep: str, db: str | None, data: SweepData, fits: list[Fit], figures: 
         f"<h1>Scaling report: sweep {html.escape(sweep)}</h1>",
         f"<p class=meta>{len(data.runs)} runs ({html.escape(status)}); store {html.escape(str(db_path(db)))}; "
         f"{bootstrap} bootstrap resamples over runs; generated {generated}.</p>",
+        *external_note(data.config),
         f'<p class="answer">{html.escape(result["sentence"])}</p>',
         "<h2>Flags</h2>", flag_html,
         "<h2>Figures</h2>", *[figure_html(f) for f in figures],
@@ -545,7 +556,8 @@ def write_report(db: str | None, sweep: str, out: Path, bootstrap: int = 200) ->
     data = read_sweep(db, sweep, bootstrap)
     budgets = data.config.get("budgets") or sorted(data.points["budget"].unique())
     budget = float(max(budgets)) if len(budgets) else math.nan
-    unique_tokens = float(data.config.get("unique_tokens") or data.points["unique_tokens"].max())
+    limit = data.config.get("unique_tokens") or data.points["unique_tokens"].max()
+    unique_tokens = float(limit) if pd.notna(limit) else math.nan  # external sweeps may not say
     fits = fit_all(data, bootstrap, budget, unique_tokens)
     save_error = save_fits(db, sweep, fits)
     figures = draw(data, fits, unique_tokens, out / "figures")
