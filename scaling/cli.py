@@ -239,6 +239,48 @@ def fit(sweep: str | None, law: str, csv_path: str | None, columns: tuple[str, .
 
 
 @cli.command()
+@click.option("--fit", "fit_id", required=True, help="a saved fit (SELECT fit_id FROM fits)")
+@click.option("--params", "n", type=click.FloatRange(min=0, min_open=True), default=None, help="total params N")
+@click.option("--tokens", "d", type=click.FloatRange(min=0, min_open=True), default=None, help="training tokens D")
+@click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True), default=None, help="sparsity S [default: 0]")
+@click.option("--unique-tokens", "u", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="unique tokens U [default: D, nothing repeated]")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
+              help="predict every row of a CSV with columns params, tokens (optionally sparsity, unique_tokens)")
+@click.option("--bootstrap", type=click.IntRange(min=0), default=200, show_default=True,
+              help="resamples over the fit's runs for the intervals")
+@click.option("--seed", type=int, default=0, show_default=True)
+@DB
+@FORMAT
+def predict(fit_id: str, n: float | None, d: float | None, sparsity: float | None, u: float | None,
+            csv_path: str | None, bootstrap: int, seed: int, db: str | None, fmt: str) -> None:
+    """Predicted loss of a saved fit at new points, with confidence and prediction intervals."""
+    import pandas as pd
+
+    from scaling.predict import POINT_COLUMNS
+    from scaling.predict import predict as predict_points
+
+    if csv_path and (n or d):
+        raise click.UsageError("give --params and --tokens, or --csv, not both")
+    if csv_path:
+        from scaling.fitting import read_points
+
+        points = read_points(csv_path)
+        missing = [c for c in ("params", "tokens") if c not in points]
+        if missing:
+            raise click.BadParameter(f"{csv_path} has no column {', '.join(missing)}", param_hint="--csv")
+        points = points[[c for c in POINT_COLUMNS if c in points]]
+    elif n and d:
+        points = pd.DataFrame({"params": [n], "tokens": [d], "sparsity": [sparsity], "unique_tokens": [u]})
+    else:
+        raise click.UsageError("give --params N and --tokens D (or --csv FILE)")
+    table, notes = predict_points(db, fit_id, points, bootstrap=bootstrap, seed=seed)
+    emit(table, fmt, title=f"predictions of {fit_id}")
+    for note in notes:
+        err(f"note: {note}")
+
+
+@cli.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--sweep", "sweep", required=True, help="name of the external sweep the runs go into")
 @click.option("--column", "columns", multiple=True, metavar="OURS=THEIRS",

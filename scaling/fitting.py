@@ -136,6 +136,7 @@ def fit_sweep(db: str | None, sweep: str, law: str, where: str | None = None, sp
     """Fit a law to a sweep's finished runs (optionally selected) and save it in the ``fits`` table."""
     frame = one_sparsity(sweep_points(db, sweep, where, sparsity), law, f"sweep {sweep!r}")
     result = fit_law(frame, law, **options)
+    result["options"] = {k: options[k] for k in ("frozen", "l_inf") if k in options}  # to refit it (predict)
     con = connect(db)
     try:
         save_fit(con, sweep, result, selection=points_sql(where, sparsity, literal(sweep)))

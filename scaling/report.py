@@ -26,6 +26,7 @@ import pandas as pd
 from scaling import plots
 from scaling.bootstrap import percentile_intervals
 from scaling.laws import LAWS, FitError, Law, summarize
+from scaling.predict import formula, parametric
 from scaling.store import StoreError, connect, db_path, literal, runs_frame, save_fit
 
 RUNS_SQL = """SELECT s.budget, r.run_id, r.status, r.sparsity, r.n_experts, r.top_k, r.params, r.active_params,
@@ -503,7 +504,9 @@ def fit_html(fit: Fit, sweep: str) -> str:
              f"-- not saved in the store; from a save it would be:\n{FIT_SQL.format(fit_id=literal('...'))}")
     sel = html.escape(sql(fit.selection, sweep))
     notes = "".join(f"<li>{html.escape(note)}</li>" for note in (fit.result or {}).get("notes", []))
-    return (f"<div>{title}<p class=meta>{n} points; selection: <code>{sel}</code></p>"
+    law = formula(fit.law, (fit.result or {}).get("params", {})) if parametric(fit.law) else None
+    law_html = f"<p class=meta>fitted: <code>{html.escape(law)}</code></p>" if law else ""
+    return (f"<div>{title}<p class=meta>{n} points; selection: <code>{sel}</code></p>{law_html}"
             f"{html_table(fit.table if fit.stored is None else fit.stored, query)}"
             f"{f'<ul class=notes>{notes}</ul>' if notes else ''}</div>")
 
