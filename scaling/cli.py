@@ -210,13 +210,20 @@ def frozen_options(law: str, pairs: tuple[str, ...]) -> dict:
 @click.option("--budget", type=float, default=None, help="FLOP budget C for the compute-optimal answer")
 @click.option("--unique-tokens", type=float, default=None, help="unique-token limit U for the answer")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--holdout-largest", "holdout", type=click.IntRange(min=1), default=None, metavar="K",
+              help="extrapolation check: fit on all but the K largest budgets and predict those runs (not saved)")
 @DB
 @FORMAT
 def fit(sweep: str | None, law: str, csv_path: str | None, columns: tuple[str, ...], where: str | None,
         sparsity: float | None, freeze: tuple[str, ...], bootstrap: int, budget: float | None,
-        unique_tokens: float | None, seed: int, db: str | None, fmt: str) -> None:
+        unique_tokens: float | None, seed: int, holdout: int | None, db: str | None, fmt: str) -> None:
     """Fit a scaling law to a sweep's runs (saved in the store) or to a CSV."""
     from scaling.fitting import fit_frame, fit_sweep, result_table
+
+    if holdout is not None:
+        fit_holdout(sweep, law, csv_path, columns, where, sparsity, freeze, bootstrap, budget, unique_tokens,
+                    seed, holdout, db, fmt)
+        return
 
     if columns and not csv_path:
         raise click.UsageError("--column applies to --csv only")
@@ -304,6 +311,34 @@ def ingest(file: str, sweep: str, columns: tuple[str, ...], key: str | None, cur
                        curves=curves, curve_columns=assignments(curve_columns, "--curve-column", "OURS=THEIRS"))
     emit(done.table(), fmt, title=f"sweep {sweep}")
     for note in done.notes:
+        err(f"note: {note}")
+
+
+def fit_holdout(sweep: str | None, law: str, csv_path: str | None, columns: tuple[str, ...], where: str | None,
+                sparsity: float | None, freeze: tuple[str, ...], bootstrap: int, budget: float | None,
+                unique_tokens: float | None, seed: int, k: int, db: str | None, fmt: str) -> None:
+    """``fit --holdout-largest K``: the fit on the smaller budgets, then the held-out runs (csv: those only)."""
+    import pandas as pd
+
+    from scaling.fitting import csv_points, one_sparsity, result_table, sweep_points
+    from scaling.holdout import holdout_fit
+
+    if csv_path:
+        frame = csv_points(csv_path, law, assignments(columns, "--column", "OURS=THEIRS"), where, sparsity)
+    elif sweep:
+        frame = one_sparsity(sweep_points(db, sweep_name(sweep), where, sparsity), law, f"sweep {sweep!r}")
+    else:
+        raise click.UsageError("give a SWEEP (from the store) or --csv PATH")
+    result = holdout_fit(frame, law, k, bootstrap=bootstrap, seed=seed, budget=budget, unique_tokens=unique_tokens,
+                         **frozen_options(law, freeze))
+    runs = pd.DataFrame(result["holdout"]["runs"])
+    if fmt == "json":
+        emit_json(result)
+        return
+    if fmt == "table":
+        emit(result_table(result), fmt, title=f"{law} fit on the smaller budgets ({result['n_points']} points)")
+    emit(runs, fmt, title=f"held-out runs at the {k} largest budget(s)")
+    for note in result.get("notes", []):
         err(f"note: {note}")
 
 

@@ -68,9 +68,9 @@ def query(con: duckdb.DuckDBPyConnection, sql: str, args: list, where: str | Non
         raise FitError(f"--where {where!r}: {str(e).splitlines()[0]}") from None
 
 
-def fit_frame(csv_path: str | Path, law: str, columns: dict[str, str] | None = None, where: str | None = None,
-              sparsity: float | None = None, **options: Any) -> dict[str, Any]:
-    """Fit a law to an external CSV with the shared column convention.
+def csv_points(csv_path: str | Path, law: str, columns: dict[str, str] | None = None, where: str | None = None,
+               sparsity: float | None = None) -> pd.DataFrame:
+    """An external CSV's points in the shared column convention.
 
     ``columns`` maps convention names to the CSV's own (``{"loss": "val_loss"}``) for files exported elsewhere;
     ``where`` keeps the rows matching a SQL condition on the CSV's own columns; ``sparsity`` keeps one S."""
@@ -84,7 +84,13 @@ def fit_frame(csv_path: str | Path, law: str, columns: dict[str, str] | None = N
             raise FitError(f"{csv_path} has no rows at sparsity {sparsity:g} "
                            f"(it has {levels(frame['sparsity'])})")
         frame = kept
-    return fit_law(one_sparsity(frame, law, csv_path), law, **options)
+    return one_sparsity(frame, law, csv_path)
+
+
+def fit_frame(csv_path: str | Path, law: str, columns: dict[str, str] | None = None, where: str | None = None,
+              sparsity: float | None = None, **options: Any) -> dict[str, Any]:
+    """Fit a law to an external CSV with the shared column convention (see ``csv_points``)."""
+    return fit_law(csv_points(csv_path, law, columns, where, sparsity), law, **options)
 
 
 def levels(sparsity: pd.Series) -> str:
