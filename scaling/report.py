@@ -25,6 +25,7 @@ import pandas as pd
 
 from scaling import plots
 from scaling.bootstrap import percentile_intervals
+from scaling.holdout import holdout_fit
 from scaling.laws import LAWS, FitError, Law, summarize
 from scaling.predict import formula, parametric
 from scaling.store import StoreError, connect, db_path, literal, runs_frame, save_fit
@@ -44,6 +45,7 @@ FROM router_stats x JOIN runs r USING (run_id) JOIN sweep_runs s USING (run_id)
 WHERE s.sweep = {sweep} AND r.status = 'ok'"""
 SELECTION_SQL = "SELECT * FROM isoflop_points WHERE sweep = {sweep} AND loss IS NOT NULL"
 FIT_SQL = "SELECT parameter, value, ci_lo, ci_hi FROM fit_params WHERE fit_id = {fit_id} ORDER BY parameter"
+HOLDOUT_BOOTSTRAP = 50  # resamples for the extrapolation check's prediction intervals (at most the report's)
 RUN_COLUMNS = {"budget": "budget C", "run_id": "run", "status": "status", "sparsity": "S", "n_experts": "E",
                "top_k": "k", "params": "params", "active_params": "active params", "tokens": "tokens D",
                "epochs": "epochs", "seed": "seed", "final_eval_loss": "final eval loss"}
@@ -62,6 +64,8 @@ class Fit:
     error: str | None = None
     fit_id: str | None = None
     stored: pd.DataFrame | None = None
+    frame: pd.DataFrame | None = None
+    holdout: dict[str, Any] | str | None = None  # the extrapolation check (``scaling.holdout``), or why not
 
     @property
     def table(self) -> pd.DataFrame:
@@ -183,6 +187,7 @@ def run_fit(fit: Fit, frame: pd.DataFrame, bootstrap: int, budget: float, unique
             **options: Any) -> Fit:
     """Fit one law (``scaling.laws.LAWS``) with ``bootstrap`` resamples over runs; a failure is recorded on the
     fit, never raised."""
+    fit.frame = frame
     try:
         if frame.empty:
             raise FitError("no finished runs to fit")
@@ -284,6 +289,39 @@ def r_d_star(fit: Fit | None) -> float | None:
     return None if fit is None or fit.model is None else fit.model.params_.get("R_D_star")
 
 
+def check_extrapolation(fits: list[Fit], bootstrap: int) -> None:
+    """Each fitted parametric law refitted without its largest budget, predicting those runs (``fit.holdout``)."""
+    for fit in fits:
+        if fit.model is None or not parametric(fit.law):
+            continue
+        try:
+            fit.holdout = holdout_fit(fit.frame, fit.law, 1, bootstrap=min(bootstrap, HOLDOUT_BOOTSTRAP))
+        except FitError as e:
+            fit.holdout = str(e)
+        except Exception as e:  # like run_fit: one failing check must not cost the report
+            fit.holdout = f"unexpected {type(e).__name__}: {e}"
+
+
+def holdout_specs(fits: list[Fit]) -> list[tuple[str, str, Callable[[], Any], str]]:
+    """One extrapolation figure per parametric law that was checked."""
+    specs = []
+    for fit in fits:
+        if fit.holdout is None:
+            continue
+        check = fit.holdout if isinstance(fit.holdout, dict) else {}
+        summary = check.get("holdout", {}).get("summary", {})
+        text = (f"mean error {summary['mean_abs_error']:.3g} nats (max {summary['max_abs_error']:.3g}), "
+                f"{summary['mean_error_fraction']:.0%} of the loss above the law's floor; "
+                f"{summary['level']:.0%} prediction intervals cover {summary['coverage']:.0%}") if summary else ""
+        runs = pd.DataFrame(check.get("holdout", {}).get("runs", []))
+        specs.append((f"holdout_{fit.law}", f"Extrapolation check, {fit.title}: fitted without the largest budget, "
+                      f"predicted against observed loss of its runs with prediction intervals; {text}.",
+                      lambda runs=runs, law=fit.law: plots.holdout_plot(runs if len(runs) else None,
+                                                                        f"{law}: the largest budget predicted"),
+                      fit.holdout if isinstance(fit.holdout, str) else "no held-out runs"))
+    return specs
+
+
 def named(fits: list[Fit], law: str) -> Fit | None:
     return next((f for f in fits if f.law == law), None)
 
@@ -330,6 +368,7 @@ def draw(data: SweepData, fits: list[Fit], unique_tokens: float, folder: Path) -
          f"95% bootstrap bands over eval positions; {data.similarity_note}).",
          lambda: plots.similarity_plot(data.similarity), data.similarity_note),
     ]
+    specs += holdout_specs(fits)
     figures = []
     for name, caption, make, reason in specs:
         figure = Figure(name, caption)
@@ -563,6 +602,7 @@ def write_report(db: str | None, sweep: str, out: Path, bootstrap: int = 200) ->
     unique_tokens = float(limit) if pd.notna(limit) else math.nan  # external sweeps may not say
     fits = fit_all(data, bootstrap, budget, unique_tokens)
     save_error = save_fits(db, sweep, fits)
+    check_extrapolation(fits, bootstrap)
     figures = draw(data, fits, unique_tokens, out / "figures")
     result = answer(fits, budget, unique_tokens)
     notes = flags(data, fits, save_error)
