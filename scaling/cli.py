@@ -191,8 +191,10 @@ def frozen_options(law: str, pairs: tuple[str, ...]) -> dict:
 
 @cli.command()
 @click.argument("sweep", required=False)
-@click.option("--law", type=click.Choice(["isoflop", "chinchilla", "data-constrained", "sparsity", "envelope"]),
-              required=True)
+@click.option("--law", type=click.Choice(["isoflop", "chinchilla", "data-constrained", "sparsity", "envelope",
+                                          "approach1"]), required=True,
+              help="approach1 (Chinchilla's first method) fits training curves: the sweep's stored curves, or a "
+                   "--csv of curve points (run_id, params, tokens, loss[, flops])")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
               help="fit an external CSV (columns params, active_params, tokens, unique_tokens, sparsity, flops, loss)")
 @click.option("--column", "columns", multiple=True, metavar="OURS=THEIRS",
@@ -220,6 +222,9 @@ def fit(sweep: str | None, law: str, csv_path: str | None, columns: tuple[str, .
     """Fit a scaling law to a sweep's runs (saved in the store) or to a CSV."""
     from scaling.fitting import fit_frame, fit_sweep, result_table
 
+    if law == "approach1":
+        fit_approach1(sweep, csv_path, columns, where, sparsity, bootstrap, budget, seed, db, fmt)
+        return
     if holdout is not None:
         fit_holdout(sweep, law, csv_path, columns, where, sparsity, freeze, bootstrap, budget, unique_tokens,
                     seed, holdout, db, fmt)
@@ -311,6 +316,39 @@ def ingest(file: str, sweep: str, columns: tuple[str, ...], key: str | None, cur
                        curves=curves, curve_columns=assignments(curve_columns, "--curve-column", "OURS=THEIRS"))
     emit(done.table(), fmt, title=f"sweep {sweep}")
     for note in done.notes:
+        err(f"note: {note}")
+
+
+def fit_approach1(sweep: str | None, csv_path: str | None, columns: tuple[str, ...], where: str | None,
+                  sparsity: float | None, bootstrap: int, budget: float | None, seed: int, db: str | None,
+                  fmt: str) -> None:
+    """``fit --law approach1``: the lower envelope of the training curves and N*(C) ∝ C^a."""
+    import pandas as pd
+
+    from scaling.approach1 import fit_curves, fit_sweep_curves
+    from scaling.fitting import convention_columns, read_points, result_table
+
+    options = dict(bootstrap=bootstrap, budget=budget, seed=seed)
+    if csv_path:
+        frame = convention_columns(read_points(csv_path, where), assignments(columns, "--column", "OURS=THEIRS"),
+                                   csv_path)
+        if sparsity is not None and "sparsity" in frame:
+            frame = frame[(frame["sparsity"] - sparsity).abs() < 1e-6]
+        result = fit_curves(frame, csv_path, x="active_params" if "active_params" in frame else "params", **options)
+    elif sweep:
+        result = fit_sweep_curves(db, sweep_name(sweep), where, sparsity, **options)
+    else:
+        raise click.UsageError("give a SWEEP (from the store) or --csv PATH")
+    if fmt == "json":
+        emit_json(result)
+        return
+    if fmt == "table":
+        emit(result_table(result), fmt, title=f"approach 1 ({result['n_points']} curve points)")
+    env = pd.DataFrame(result["envelope"])
+    if fmt == "table":  # one row per stretch of budgets with the same best run
+        env = env[env["run_id"] != env["run_id"].shift()]
+    emit(env, fmt, title="lower envelope of the curves")
+    for note in result.get("notes", []):
         err(f"note: {note}")
 
 
