@@ -1,7 +1,6 @@
 """Chinchilla approach 1 from training curves: a known exponent recovered, the store's curves, the trainer's."""
 
 import importlib.util
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -74,14 +73,15 @@ def test_curves_the_trainer_stores(tmp_path):
     """A small dense sweep trained for real: the envelope of its stored eval curves, and an exponent with an
     interval (tiny byte-level models: a is not Chinchilla's, but must be a positive power with the envelope's runs
     among the sweep's)."""
-    from scaling.config import load_sweep
+    import tomllib
+
+    from scaling.config import parse_sweep
     from scaling.data import prepare
     from scaling.grid import plan
     from scaling.sweep import execute_sweep
 
-    sweep = load_sweep(ROOT / "sweeps" / "smoke.toml")
-    sweep = replace(sweep, name="a1", budgets=(1e10, 3e10), sparsity=replace(sweep.sparsity, experts=(1,)),
-                    sizes=replace(sweep.sizes, count=3))
+    raw = tomllib.loads((ROOT / "sweeps" / "smoke.toml").read_text())  # its dense runs, 3 sizes per budget
+    sweep = parse_sweep({**raw, "name": "a1", "sparsity": {"experts": [1]}, "sizes": {**raw["sizes"], "count": 3}})
     runs = plan(sweep).runs
     prepare(sweep.corpus, sweep.tokenizer, sweep.vocab_size)
     db = tmp_path / "r.duckdb"

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import re
 import shlex
 import shutil
 import sys
@@ -254,3 +255,36 @@ def test_a_trained_sweep_is_not_overwritten(tmp_path):
     con.close()
     with pytest.raises(IngestError, match="planned from a sweep file"):
         ingest_file(db, runs_file(tmp_path), "st", columns={"loss": "val_loss"})
+
+
+@pytest.mark.slow
+def test_report_and_sql_on_an_ingested_sweep(tmp_path, monkeypatch, capsys):
+    """An external sweep (5 budgets of a known law, with curves) through `scaling report` and `scaling sql`: the
+    report draws what the runs support, says what they lack, and shows the extrapolation check."""
+    from scaling.report import write_report
+
+    rng = np.random.default_rng(3)
+    c = np.repeat(np.geomspace(1e17, 1e19, 5), 5)
+    n = np.tile(np.geomspace(0.3, 3, 5), 5) * np.sqrt(c / 120)
+    d = c / (6 * n)
+    loss = (1.8 + 400 / n**0.34 + 1200 / d**0.3) * np.exp(rng.normal(0, 0.01, len(n)))
+    runs = pd.DataFrame({"name": [f"run{i}" for i in range(len(n))], "N": n, "D": d, "final": loss})
+    runs.to_csv(tmp_path / "runs.csv", index=False)
+    curves = pd.DataFrame([{"run": r.name, "tokens": r.D * f, "loss": r.final + (1 - f), "wall_s": r.D * f / 1e9}
+                           for r in runs.itertuples() for f in (0.25, 0.5, 1.0)])
+    curves.to_csv(tmp_path / "curves.csv", index=False)
+    db = tmp_path / "r.duckdb"
+    code, _, err = cli(monkeypatch, capsys, "ingest", str(tmp_path / "runs.csv"), "--sweep", "ext", "--key", "name",
+                       "--column", "params=N", "--column", "tokens=D", "--column", "loss=final",
+                       "--curves", str(tmp_path / "curves.csv"), "--db", str(db))
+    assert code == 0 and "flops derived as C = 6·N_active·D" in err
+    index = write_report(str(db), "ext", tmp_path / "report", bootstrap=10)
+    page = index.read_text()
+    assert "External sweep ingested from" in page and "no router statistics or per-token losses" in page
+    assert "Not drawn: no MoE runs with router statistics" in page
+    assert (tmp_path / "report" / "figures" / "curves.png").exists()
+    assert (tmp_path / "report" / "figures" / "holdout_chinchilla.png").exists()
+    assert re.search(r"fitted: <code>L = [0-9.]+ \+ [0-9.e+]+/N\^[0-9.]+ \+ [0-9.e+]+/D\^[0-9.]+</code>", page)
+    code, out, _ = cli(monkeypatch, capsys, "sql", "SELECT count(*) AS n, min(source) AS source FROM runs "
+                       "WHERE run_id LIKE 'ext/%'", "--db", str(db), "--format", "json")
+    assert code == 0 and json.loads(out) == [{"n": 25, "source": str((tmp_path / "runs.csv").resolve())}]
