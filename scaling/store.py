@@ -274,8 +274,9 @@ def insert_rows(con: duckdb.DuckDBPyConnection, table: str, run_id: str, rows: l
 
 def ingest_all(con: duckdb.DuckDBPyConnection, sweep: str | None = None) -> dict[str, int]:
     """Ingest every known run directory that has files newer than the store's copy; counts by status."""
-    where = "WHERE run_id IN (SELECT run_id FROM sweep_runs WHERE sweep = ?)" if sweep else ""
-    rows = con.execute(f"SELECT run_dir, ingested_at FROM runs {where}", [sweep] if sweep else []).fetchall()
+    where = "AND run_id IN (SELECT run_id FROM sweep_runs WHERE sweep = ?)" if sweep else ""
+    rows = con.execute(f"SELECT run_dir, ingested_at FROM runs WHERE run_dir IS NOT NULL {where}",  # not external
+                       [sweep] if sweep else []).fetchall()
     counts: dict[str, int] = {}
     for run_dir, ingested_at in rows:
         result = Path(run_dir) / "result.json"

@@ -16,7 +16,7 @@ import pytest
 from scaling.cli import main
 from scaling.fitting import fit_frame, fit_sweep
 from scaling.ingest import IngestError, ingest_file
-from scaling.store import SCHEMA_VERSION, connect
+from scaling.store import SCHEMA_VERSION, connect, ingest_all
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = ROOT / "data" / "published"
@@ -148,6 +148,9 @@ def test_same_file_twice_changes_nothing_and_a_changed_file_updates_its_rows(tmp
         pytest.approx(frame["val_loss"].iloc[0])
     assert con.execute("SELECT count(*) FROM runs WHERE run_id = 'ext/r11'").fetchall()[0][0] == 0
     assert con.execute("SELECT count(*) FROM training_curves WHERE sweep = 'ext'").fetchall()[0][0] == 44
+    con.close()
+    con = connect(db)
+    assert ingest_all(con) == {}  # external runs have no run files to look for
     con.close()
     # without --key the run is a hash of its config columns: a changed loss is an update, not a new run
     hashed = ingest_file(db, path, "hashed", columns=columns)

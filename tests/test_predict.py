@@ -1,6 +1,10 @@
 """``scaling predict`` and ``fit --holdout-largest``: predictions by hand, interval coverage, extrapolation."""
 
+import io
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +16,10 @@ from scaling.holdout import holdout_fit
 from scaling.ingest import ingest_file
 from scaling.laws import Chinchilla, FitError
 from scaling.predict import formula, predict, prediction_table
-from scaling.store import connect
+from scaling.store import StoreError, connect
 
 ROOT = Path(__file__).resolve().parents[1]
+SCALING = shutil.which("scaling") or str(Path(sys.executable).parent / "scaling")
 CHINCHILLA = ROOT / "data" / "published" / "chinchilla_epoch_svg_extracted.csv"
 TRUE = {"E": 1.8, "A": 400.0, "B": 1200.0, "alpha": 0.34, "beta": 0.30}
 
@@ -53,8 +58,19 @@ def test_predict_on_the_epoch_refit_is_the_formula_by_hand(tmp_path):
     assert e + a / n**alpha + b / d**beta == pytest.approx(by_hand, rel=1e-5)
     assert row["pi_lo"] < row["ci_lo"] < row["loss"] < row["ci_hi"] < row["pi_hi"]
     assert any("bootstrap over the fit's 245 runs (30 resamples)" in note for note in notes)
-    with pytest.raises(Exception, match="no fit 'nope'"):
+    with pytest.raises(StoreError, match="no fit 'nope'"):
         predict(db, "nope", pd.DataFrame({"params": [n], "tokens": [d]}))
+    # the command: CSV rows in, one table out (nothing else on stdout)
+    pd.DataFrame({"params": [n, 1e9], "tokens": [d, 2e10]}).to_csv(tmp_path / "points.csv", index=False)
+    done = subprocess.run([SCALING, "predict", "--fit", fit_id, "--csv", str(tmp_path / "points.csv"), "--bootstrap",
+                           "30", "--db", str(db), "--format", "csv"], capture_output=True, text=True, timeout=300)
+    out = pd.read_csv(io.StringIO(done.stdout))
+    assert done.returncode == 0 and len(out) == 2 and out["loss"].iloc[0] == pytest.approx(by_hand, rel=1e-9)
+    assert list(out.columns[-5:]) == ["loss", "ci_lo", "ci_hi", "pi_lo", "pi_hi"]
+    bad = subprocess.run([SCALING, "predict", "--fit", "nope", "--params", "1e9", "--tokens", "2e10", "--db",
+                          str(db)], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: no fit 'nope'") and bad.stdout == ""
+    assert len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_prediction_intervals_cover_95_percent_of_new_runs():
