@@ -111,3 +111,28 @@ def test_holdout_of_the_largest_budgets():
         holdout_fit(runs, "chinchilla", 5)
     with pytest.raises(FitError, match="predicts new points"):
         holdout_fit(runs, "isoflop", 1)
+
+
+def test_the_data_constrained_formula_recomputes_by_hand():
+    """Muennighoff et al.'s law as the report prints it, evaluated step by step, equals the fitted law."""
+    import math
+
+    from scaling.fitting import csv_points
+    from scaling.laws import DataConstrained
+
+    frame = csv_points(ROOT / "data" / "published" / "datablations_c4_val_losses_fit182.csv", "data-constrained",
+                       {"loss": "val_loss"})
+    model = DataConstrained().fit(frame)
+    p = model.params_
+    text = formula("data-constrained", p)
+    assert f"D′ = U_D + U_D·{p['R_D_star']:.6g}·(1 − exp(−R_D/{p['R_D_star']:.6g}))" in text
+
+    def by_hand(n: float, d: float, u: float) -> float:
+        u_d = min(u, d)
+        d_eff = u_d + u_d * p["R_D_star"] * (1 - math.exp(-(d / u_d - 1) / p["R_D_star"]))
+        u_n = min(n, (p["alpha"] * p["A"] / (p["beta"] * p["B"])) ** (1 / p["alpha"]) * u_d ** (p["beta"] / p["alpha"]))
+        n_eff = u_n + u_n * p["R_N_star"] * (1 - math.exp(-(n / u_n - 1) / p["R_N_star"]))
+        return p["E"] + p["A"] / n_eff ** p["alpha"] + p["B"] / d_eff ** p["beta"]
+
+    points = pd.DataFrame({"params": [1e9, 8e9, 1e8], "tokens": [1e11, 1e10, 1e9], "unique_tokens": [1e10, 1e9, 1e10]})
+    assert model.predict_with(points, p) == pytest.approx([by_hand(*row) for row in points.to_numpy()], rel=1e-12)
