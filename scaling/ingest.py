@@ -48,10 +48,17 @@ def read_parquet(path: Path) -> pd.DataFrame:
         return con.execute("SELECT * FROM read_parquet(?)", [str(path)]).df()
 
 
+def read_json(path: Path) -> pd.DataFrame:
+    """JSON Lines, or one JSON array of row objects."""
+    with open(path, encoding="utf-8") as f:
+        array = f.read(4096).lstrip().startswith("[")
+    return pd.read_json(path, lines=not array)
+
+
 CURVE_VALUES = ("step", "tokens", "loss", "eval_loss", "train_loss", "lr", "wall_s")
 READERS = {".csv": pd.read_csv, ".tsv": lambda p: pd.read_csv(p, sep="\t"), ".parquet": read_parquet,
            ".pq": read_parquet, ".jsonl": lambda p: pd.read_json(p, lines=True),
-           ".ndjson": lambda p: pd.read_json(p, lines=True), ".json": lambda p: pd.read_json(p, lines=True)}
+           ".ndjson": lambda p: pd.read_json(p, lines=True), ".json": read_json}
 
 
 class IngestError(StoreError):

@@ -178,6 +178,8 @@ def test_curves_fill_training_curves_with_tokens_from_steps(tmp_path):
     assert rows[-1][2] == pytest.approx(frame["tokens"].iloc[0])
     assert rows[0][2] == pytest.approx(frame["tokens"].iloc[0] / 8)
     assert rows[0][4] == pytest.approx(1e-3)
+    frame.to_json(tmp_path / "runs.json", orient="records")  # one JSON array, not lines
+    assert ingest_file(db, tmp_path / "runs.json", "js", columns={"loss": "val_loss"}).added == 12
 
 
 @pytest.mark.parametrize("edit, needle", [
