@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import fcntl
 import json
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +41,34 @@ def execute_locked(spec: dict, run_dir: str) -> dict:
             if done.get("status") in ("ok", "diverged"):
                 return {k: v for k, v in done.items() if k not in ("metrics", "router")}
         return execute(spec, run_dir)
+
+
+class CtrlC:
+    """The driver's Ctrl-C while a sweep runs: the first SIGINT only sets ``requested``, which the driver checks
+    between steps, so it is honoured wherever it lands; a second one raises ``KeyboardInterrupt``.
+
+    Why not Python's default handler: (1) a process started with SIGINT ignored keeps it ignored, and a shell
+    script's background job (``cmd &``) is started so: such a sweep trained to the end through Ctrl-C; (2) a
+    KeyboardInterrupt raised while DuckDB runs a query becomes DuckDB's ``RuntimeError("Query interrupted")`` or a
+    UDF error, not a KeyboardInterrupt. Installed only in the main thread (the only one Python delivers to)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: object = None
+
+    def __enter__(self) -> CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 CONTINUED = ("running", "interrupted")  # a resubmitted run in these states continues its attempt
@@ -117,15 +147,23 @@ def run_sweep(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, executor: Exec
     executor is shut down, results that landed meanwhile are ingested and the runs still in flight are marked
     ``interrupted``. ``on_update`` receives progress events: {"event": "start"|"done"|"tick", ...}.
     """
-    try:
-        runs = prepare(con, sweep, runs_dir)
-    except KeyboardInterrupt:  # before anything was submitted: the plan's transaction is rolled back
-        rollback(con)
-        return SweepOutcome(interrupted=True)
+    with CtrlC() as ctrl_c:
+        try:
+            runs = prepare(con, sweep, runs_dir)
+        except KeyboardInterrupt:  # before anything was submitted: the plan's transaction is rolled back
+            rollback(con)
+            return SweepOutcome(interrupted=True)
+        if ctrl_c.requested:
+            return SweepOutcome(interrupted=True)
+        return train_all(con, sweep, runs, executor, retries, on_update or (lambda event: None), poll_s, ctrl_c)
+
+
+def train_all(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, runs: pd.DataFrame, executor: Executor,
+              retries: int, notify: Callable[[dict], None], poll_s: float, ctrl_c: CtrlC) -> SweepOutcome:
+    """``run_sweep`` once the plan is stored: submit, collect and retry until done or Ctrl-C."""
     todo = runs_to_do(con, sweep.name, retries)
     skipped = count_status(con, sweep.name, ("ok", "diverged"))
     outcome = SweepOutcome(skipped=skipped, exhausted=len(runs) - len(todo) - skipped)
-    notify = on_update or (lambda event: None)
     total_flops = float(runs.flops.sum())
     done_flops = total_flops - float(todo.flops.sum())
     notify({"event": "start", "total": len(runs), "done": len(runs) - len(todo), "total_flops": total_flops,
@@ -137,10 +175,12 @@ def run_sweep(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, executor: Exec
         handles = attach(executor, [rows[r] for r in rows if rows[r]["status"] == "running"])
         attached = {h.task.run_id for h in handles}
         handles += submit(con, executor, [row for r, row in rows.items() if r not in attached], attempts)
-        while handles:
+        while handles and not ctrl_c.requested:
             time.sleep(poll_s)
             notify({"event": "tick", "running": [h.task for h in handles]})
             for handle in list(handles):
+                if ctrl_c.requested:
+                    break
                 if not handle.done():
                     continue
                 task = handle.task
@@ -156,6 +196,8 @@ def run_sweep(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, executor: Exec
                         "flops": float(rows[task.run_id]["flops"])})
                 if retry:
                     handles += submit(con, executor, [rows[task.run_id]], attempts)
+        if ctrl_c.requested:
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         interrupt(con, executor, handles, list(rows))
         outcome.interrupted = True

@@ -64,16 +64,22 @@ def scaling_command(*args: str) -> list[str]:
     return [*prefix, *args]
 
 
+def ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Driver:
     """``scaling run sweeps/smoke.toml ARGS`` in a session of its own, as a terminal runs a command; its output
-    goes to files (not a terminal: one line per finished run)."""
+    goes to files (not a terminal: one line per finished run). ``sigint_ignored``: started as a shell script's
+    background job is, with SIGINT ignored (which Python then keeps)."""
 
-    def __init__(self, tmp_path: Path, name: str, *args: str) -> None:
+    def __init__(self, tmp_path: Path, name: str, *args: str, sigint_ignored: bool = False) -> None:
         self.name = name
         self.out, self.err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
         with open(self.out, "w") as out, open(self.err, "w") as err:
             self.proc = subprocess.Popen(scaling_command("run", str(SMOKE), *args), stdin=subprocess.DEVNULL,
-                                         stdout=out, stderr=err, cwd=tmp_path, start_new_session=True)
+                                         stdout=out, stderr=err, cwd=tmp_path, start_new_session=True,
+                                         preexec_fn=ignore_sigint if sigint_ignored else None)
 
     def stderr(self) -> str:
         return self.err.read_text()
@@ -384,10 +390,12 @@ def lock_is_free(run_dir: Path) -> bool:
 
 
 def test_ctrl_c_marks_running_runs_interrupted_and_says_how_to_resume(tmp_path):
+    """The driver starts with SIGINT ignored, as under ``make test &``: it still stops on Ctrl-C (it installs its
+    own handler), whatever it is doing when the signal lands."""
     db, runs = tmp_path / "results.duckdb", tmp_path / "runs"
     args = ("--workers", str(WORKERS), "--db", str(db), "--runs-dir", str(runs))
     longest = [run_id for run_id, _ in smoke_runs()[:2]]  # trained first, side by side
-    driver = Driver(tmp_path, "interrupted", *args)
+    driver = Driver(tmp_path, "interrupted", *args, sigint_ignored=True)
     try:
         wait_until(lambda: any((runs / r / "checkpoint.pt").exists() for r in longest), "a checkpoint", driver)
         driver.signal(signal.SIGINT)

@@ -7,10 +7,13 @@ milliseconds. The reliability tests do the same with real training and real cras
 
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pytest
 from synthetic import POSITIONS, SMALL, write_run
 
 from scaling.config import parse_sweep
@@ -144,3 +147,72 @@ def test_ctrl_c_while_planning_stores_nothing_half_done(tmp_path, monkeypatch):
         con.execute("ROLLBACK")
     finally:
         con.close()
+
+
+def sigint_during_a_query(con) -> None:
+    """Ctrl-C while DuckDB runs a query of the driver: the signal is sent from inside the query (a UDF, run by the
+    calling thread, as a short query of the driver is)."""
+    con.execute("SET threads = 1")
+    con.create_function("sigint_now", lambda: os.kill(os.getpid(), signal.SIGINT) or 1, [], "INTEGER",
+                        side_effects=True)
+    con.execute("SELECT sigint_now()").fetchall()
+    con.remove_function("sigint_now")
+    con.execute("RESET threads")
+
+
+@pytest.mark.parametrize("phase", ["ingest_all", "mark", "ingest_run"])  # planning, submitting, collecting
+def test_ctrl_c_during_a_duckdb_query_stops_the_sweep(tmp_path, monkeypatch, phase):
+    """DuckDB's client turns a KeyboardInterrupt raised during a query into its own error; the driver must still
+    stop cleanly: nothing left ``running``, and a rerun finishes the sweep."""
+    from scaling import runner
+
+    db = tmp_path / "results.duckdb"
+    original, fired = getattr(runner, phase), []
+
+    def interrupted(con, *args, **kwargs):
+        result = original(con, *args, **kwargs)
+        if not fired:
+            fired.append(phase)
+            sigint_during_a_query(con)
+        return result
+
+    monkeypatch.setattr(runner, phase, interrupted)
+    executor = Scripted({})
+    outcome = sweep_pass(db, executor)
+    assert fired and outcome.interrupted
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the driver's handler is gone
+    con = connect(db, read_only=True)
+    try:
+        statuses = dict(con.execute("SELECT status, count(*) FROM runs GROUP BY ALL").fetchall())
+    finally:
+        con.close()
+    assert "running" not in statuses, statuses  # (the scripted runs that finished meanwhile are ingested)
+    if phase == "ingest_all":
+        assert executor.submitted == []  # stopped before anything was submitted
+    monkeypatch.undo()
+    again = sweep_pass(db, Scripted({}))
+    assert not again.interrupted and again.skipped + again.counts.get("ok", 0) == len(RUNS)
+
+
+def test_ctrl_c_is_honoured_when_started_with_sigint_ignored(tmp_path):
+    """A shell script's background job (``scaling run ... &``) starts with SIGINT ignored, and Python keeps it
+    ignored: the driver must still stop on it (under ``make test`` run as a background job, the end-to-end Ctrl-C
+    test trained the whole sweep and exited 0)."""
+    sent = []
+
+    def ctrl_c_at_first_tick(event: dict) -> None:
+        if event["event"] == "tick" and not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        con = connect(tmp_path / "results.duckdb")
+        try:
+            outcome = run_sweep(con, SWEEP, Scripted({}), tmp_path / "runs", poll_s=0, on_update=ctrl_c_at_first_tick)
+        finally:
+            con.close()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # what the process had is restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert sent and outcome.interrupted
