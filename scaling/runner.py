@@ -22,6 +22,7 @@ import pandas as pd
 from scaling.config import SweepConfig
 from scaling.executors import Executor, Handle, Task
 from scaling.grid import plan
+from scaling.runfiles import DamagedRunFile, read_finished
 from scaling.store import StoreError, connect, db_path, ingest_all, ingest_run, mark, register_plan
 
 DEFAULT_FLOPS_PER_S = 1e10  # one small-model worker on a laptop-class CPU core (measured: 0.9-2.6e10)
@@ -35,11 +36,12 @@ def execute_locked(spec: dict, run_dir: str) -> dict:
     path.mkdir(parents=True, exist_ok=True)
     with open(path / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        result = path / "result.json"
-        if result.exists():
-            done = json.loads(result.read_text())
-            if done.get("status") in ("ok", "diverged"):
-                return {k: v for k, v in done.items() if k not in ("metrics", "router")}
+        try:
+            done, _ = read_finished(path, spec.get("run_id"))
+        except (FileNotFoundError, DamagedRunFile):  # unfinished, or damaged: the driver sets it aside
+            done = {}
+        if done.get("status") in ("ok", "diverged"):
+            return {k: v for k, v in done.items() if k not in ("metrics", "router")}
         return execute(spec, run_dir)
 
 
@@ -265,7 +267,7 @@ def rollback(con: duckdb.DuckDBPyConnection) -> None:
 def finish(con: duckdb.DuckDBPyConnection, handle: Handle) -> str:
     """Ingest a finished task's files, or record why it failed."""
     result, error = handle.outcome()
-    status = ingest_run(con, handle.task.run_dir) if error is None else None
+    status = ingest_run(con, handle.task.run_dir, handle.task.run_id, fresh=False) if error is None else None
     if status is None:
         status = "failed"
         mark(con, handle.task.run_id, status, error or "the run ended without writing result.json")

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from scaling.config import SweepConfig
+from scaling.runfiles import DamagedRunFile, read_finished, set_aside
 
 SCHEMA_VERSION = 1
 DEFAULT_DB = "scaling.duckdb"
@@ -187,20 +188,27 @@ def mark(con: duckdb.DuckDBPyConnection, run_id: str, status: str, error: str | 
                 "WHERE run_id = ?", [status, error, run_id])
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
-
-
-def ingest_run(con: duckdb.DuckDBPyConnection, run_dir: str | os.PathLike) -> str | None:
+def ingest_run(con: duckdb.DuckDBPyConnection, run_dir: str | os.PathLike, run_id: str | None = None,
+               fresh: bool = True) -> str | None:
     """Ingest one run directory's finished files; returns the run's status, or None if it has no result yet.
 
-    Everything stored for the run is replaced in one transaction, so ingesting twice changes nothing.
+    Everything stored for the run is replaced in one transaction, so ingesting twice changes nothing. Files that
+    do not follow the schema (``scaling.runfiles``) change nothing stored but the run's status: ``failed``, with
+    a one-line reason naming the file; the damaged file and ``result.json`` are set aside (renamed), so the run
+    counts as unfinished and is trained again. ``fresh``: the files are from an earlier driver (the damage is
+    not an attempt's failure: the run's attempt count starts over); else they are the attempt just made.
     """
     run_dir = Path(run_dir)
-    result_file = run_dir / "result.json"
-    if not result_file.exists():
+    if not (run_dir / "result.json").exists():
         return None
-    result = read_json(result_file)
+    expected = run_id or known_run(con, run_dir)
+    try:
+        result, arrays = read_finished(run_dir, expected)
+    except DamagedRunFile as e:
+        if expected is None:
+            raise StoreError(str(e)) from None
+        set_damaged_aside(con, run_dir, expected, e, fresh)
+        return "failed"
     run_id = result["run_id"]
     if not con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchall():
         raise StoreError(f"{run_dir}: run {run_id} is not part of any planned sweep in this database")
@@ -218,12 +226,10 @@ def ingest_run(con: duckdb.DuckDBPyConnection, run_dir: str | os.PathLike) -> st
         insert_rows(con, "router_stats", run_id, result.get("router", []),
                     ["step", "tokens", "layer", "expert", "load", "entropy", "dropped_frac"],
                     key=["step", "layer", "expert"])
-        arrays = run_dir / "token_losses.npz"
-        if arrays.exists():
-            with np.load(arrays) as z:
-                frame = pd.DataFrame({"run_id": run_id, "step": z["steps"], "tokens": z["tokens"],
-                                      "eval_loss": z["eval_loss"],
-                                      "losses": [row.astype(np.float32) for row in z["losses"]]})
+        if arrays is not None:
+            frame = pd.DataFrame({"run_id": run_id, "step": arrays["steps"], "tokens": arrays["tokens"],
+                                  "eval_loss": arrays["eval_loss"],
+                                  "losses": [row.astype(np.float32) for row in arrays["losses"]]})
             con.register("token_frame", frame)
             con.execute("INSERT INTO token_loss_arrays SELECT run_id, step, tokens, eval_loss, "
                         "CAST(losses AS FLOAT[]) FROM token_frame")
@@ -233,6 +239,25 @@ def ingest_run(con: duckdb.DuckDBPyConnection, run_dir: str | os.PathLike) -> st
         con.execute("ROLLBACK")
         raise
     return result["status"]
+
+
+def known_run(con: duckdb.DuckDBPyConnection, run_dir: Path) -> str | None:
+    """The planned run whose directory ``run_dir`` is (or that is named as it is)."""
+    rows = con.execute("SELECT run_id FROM runs WHERE run_dir = ? OR run_id = ? ORDER BY run_dir = ? DESC LIMIT 1",
+                       [str(run_dir), run_dir.name, str(run_dir)]).fetchall()
+    return rows[0][0] if rows else None
+
+
+def set_damaged_aside(con: duckdb.DuckDBPyConnection, run_dir: Path, run_id: str, damage: DamagedRunFile,
+                      fresh: bool) -> None:
+    """Mark the run ``failed`` with the damage and rename the damaged file and ``result.json`` aside."""
+    now = utcnow()
+    moved = [set_aside(path, now) for path in dict.fromkeys([damage.path, run_dir / "result.json"])]
+    kept = ", ".join(p.name for p in moved if p is not None)
+    where = f"kept as {kept}; the run is trained again" if all(moved) else (
+        "could not be renamed aside: move it away to train the run again")
+    con.execute(f"UPDATE runs SET status = 'failed', error = ?{', attempts = 0' if fresh else ''} "
+                "WHERE run_id = ?", [f"{damage} ({where})", run_id])
 
 
 def insert_rows(con: duckdb.DuckDBPyConnection, table: str, run_id: str, rows: list[dict],
@@ -261,7 +286,8 @@ def ingest_all(con: duckdb.DuckDBPyConnection, sweep: str | None = None) -> dict
         if ingested_at is not None and ingested_at >= modified:
             continue
         status = ingest_run(con, run_dir)
-        counts[status] = counts.get(status, 0) + 1
+        if status is not None:
+            counts[status] = counts.get(status, 0) + 1
     return counts
 
 

@@ -216,3 +216,14 @@ def test_ctrl_c_is_honoured_when_started_with_sigint_ignored(tmp_path):
     finally:
         signal.signal(signal.SIGINT, previous)
     assert sent and outcome.interrupted
+
+
+def test_a_damaged_result_is_trained_again_by_the_next_sweep(tmp_path):
+    db = tmp_path / "results.duckdb"
+    sweep_pass(db, Scripted({}))
+    victim = next(iter(RUNS))
+    (tmp_path / "runs" / victim / "result.json").write_text('{"run_id": "%s", "status": "ok"}' % victim)
+    executor = Scripted({})
+    again = sweep_pass(db, executor, retries=0)  # a damaged file is not an attempt of the run's
+    assert executor.submitted == [victim] and again.counts == {"ok": 1} and again.failed == 0
+    assert attempts(db, victim) == ("ok", 1)
