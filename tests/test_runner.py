@@ -7,6 +7,7 @@ milliseconds. The reliability tests do the same with real training and real cras
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from dataclasses import dataclass, field
@@ -222,7 +223,7 @@ def test_a_damaged_result_is_trained_again_by_the_next_sweep(tmp_path):
     db = tmp_path / "results.duckdb"
     sweep_pass(db, Scripted({}))
     victim = next(iter(RUNS))
-    (tmp_path / "runs" / victim / "result.json").write_text('{"run_id": "%s", "status": "ok"}' % victim)
+    (tmp_path / "runs" / victim / "result.json").write_text(json.dumps({"run_id": victim, "status": "ok"}))
     executor = Scripted({})
     again = sweep_pass(db, executor, retries=0)  # a damaged file is not an attempt of the run's
     assert executor.submitted == [victim] and again.counts == {"ok": 1} and again.failed == 0
