@@ -174,6 +174,7 @@ class LocalHandle:
         self.task = task
         self.payload = payload
         self.process: subprocess.Popen | None = None
+        self.started = False  # whether a worker process ever ran the task (not: its run directory was unusable)
         self.cancelled = False
         self._outcome: Outcome | None = None
         self._done = threading.Event()
@@ -304,6 +305,7 @@ class LocalExecutor:
             except Exception as exc:
                 handle.finish(None, f"could not start a worker process: {describe(exc)}")
                 continue
+            handle.started = True
             self._running.append(handle)
 
     def _start(self, handle: LocalHandle) -> subprocess.Popen:

@@ -172,11 +172,12 @@ def train_all(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, runs: pd.DataF
             "done_flops": done_flops, "todo": todo})
     rows = {row["run_id"]: row for row in todo.to_dict("records")}
     attempts = {run_id: int(row["attempts"]) for run_id, row in rows.items()}  # as in the store
+    counted: dict[str, bool] = {}  # whether a run's last submission counted as an attempt
     handles: list[Handle] = []
     try:
         handles = attach(executor, [rows[r] for r in rows if rows[r]["status"] == "running"])
         attached = {h.task.run_id for h in handles}
-        handles += submit(con, executor, [row for r, row in rows.items() if r not in attached], attempts)
+        handles += submit(con, executor, [row for r, row in rows.items() if r not in attached], attempts, counted)
         while handles and not ctrl_c.requested:
             time.sleep(poll_s)
             notify({"event": "tick", "running": [h.task for h in handles]})
@@ -190,6 +191,9 @@ def train_all(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, runs: pd.DataF
                 handles.remove(handle)
                 rows[task.run_id] = {**rows[task.run_id], "status": status}
                 retry = status == "failed" and attempts[task.run_id] <= retries
+                if not getattr(handle, "started", True):  # never ran (e.g. a read-only runs directory): no
+                    uncount(con, task.run_id, attempts, counted)  # attempt used, no retry until the next sweep
+                    retry = False
                 if not retry:
                     outcome.counts[status] = outcome.counts.get(status, 0) + 1
                 if status == "ok":
@@ -197,7 +201,7 @@ def train_all(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, runs: pd.DataF
                 notify({"event": "retry" if retry else "done", "run_id": task.run_id, "status": status,
                         "flops": float(rows[task.run_id]["flops"])})
                 if retry:
-                    handles += submit(con, executor, [rows[task.run_id]], attempts)
+                    handles += submit(con, executor, [rows[task.run_id]], attempts, counted)
         if ctrl_c.requested:
             raise KeyboardInterrupt
     except KeyboardInterrupt:
@@ -216,14 +220,15 @@ def attach(executor: Executor, rows: list[dict]) -> list[Handle]:
 
 
 def submit(con: duckdb.DuckDBPyConnection, executor: Executor, rows: list[dict],
-           attempts: dict[str, int]) -> list[Handle]:
-    """Mark ``rows`` running (one more attempt each, unless it resumes an interrupted one) and hand them to the
-    executor; if it refuses them, they get their previous status and attempt count back and the error
-    propagates."""
+           attempts: dict[str, int], counted: dict[str, bool]) -> list[Handle]:
+    """Mark ``rows`` running (one more attempt each, unless it resumes an interrupted one; ``counted`` says which)
+    and hand them to the executor; if it refuses them, they get their previous status and attempt count back
+    and the error propagates."""
     tasks = tasks_of(rows)
     if not tasks:
         return []
     fresh = {row["run_id"]: row["status"] not in CONTINUED or attempts[row["run_id"]] == 0 for row in rows}
+    counted.update(fresh)
     for task in tasks:
         mark(con, task.run_id, "running", attempt=fresh[task.run_id])
         attempts[task.run_id] += fresh[task.run_id]
@@ -235,6 +240,29 @@ def submit(con: duckdb.DuckDBPyConnection, executor: Executor, rows: list[dict],
                         [row["status"], row.get("error"), int(fresh[row["run_id"]]), row["run_id"]])
             attempts[row["run_id"]] -= fresh[row["run_id"]]
         raise
+
+
+def uncount(con: duckdb.DuckDBPyConnection, run_id: str, attempts: dict[str, int], counted: dict[str, bool]) -> None:
+    """Give back the attempt that a submission counted."""
+    if counted.pop(run_id, False):
+        con.execute("UPDATE runs SET attempts = attempts - 1 WHERE run_id = ?", [run_id])
+        attempts[run_id] -= 1
+
+
+def failure_advice(con: duckdb.DuckDBPyConnection, sweep: str, retries: int, command: str) -> str:
+    """What to do about a sweep's failed runs: rerunning retries those with attempts left; the others need a
+    larger ``--retries``, once their cause (``scaling status``) is fixed."""
+    left, used = con.execute("""
+        SELECT count(*) FILTER (r.attempts <= ?), count(*) FILTER (r.attempts > ?)
+        FROM runs r JOIN sweep_runs s USING (run_id) WHERE s.sweep = ? AND r.status = 'failed'""",
+                             [retries, retries, sweep]).fetchall()[0]
+    parts = [f"{left + used} run(s) failed: `scaling status {sweep}` shows why"]
+    if left:
+        parts.append(f"{left} will be tried again by rerunning `{command}`")
+    if used:
+        parts.append(f"{used} used up --retries {retries}: once the cause is fixed, rerun with --retries "
+                     f"{retries + 1}")
+    return "; ".join(parts)
 
 
 def tasks_of(rows: list[dict]) -> list[Task]:

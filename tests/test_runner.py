@@ -228,3 +228,43 @@ def test_a_damaged_result_is_trained_again_by_the_next_sweep(tmp_path):
     again = sweep_pass(db, executor, retries=0)  # a damaged file is not an attempt of the run's
     assert executor.submitted == [victim] and again.counts == {"ok": 1} and again.failed == 0
     assert attempts(db, victim) == ("ok", 1)
+
+
+def test_a_run_whose_worker_never_started_keeps_its_attempts(tmp_path):
+    """An unusable runs directory (here a file where it should be; read-only is the same for the executor)
+    fails every run before a worker starts: no attempt is used, nothing is retried in a loop, and the advice
+    is to rerun (once the directory is fixed), not to raise --retries."""
+    from scaling.executors import LocalExecutor
+    from scaling.runner import failure_advice
+
+    db = tmp_path / "results.duckdb"
+    (tmp_path / "runs").write_text("not a directory")
+    executor = LocalExecutor(workers=2)
+    con = connect(db)
+    try:
+        outcome = run_sweep(con, SWEEP, executor, tmp_path / "runs", retries=1, poll_s=0.01)
+        rows = con.execute("SELECT status, attempts, error FROM runs").fetchall()
+        advice = failure_advice(con, SWEEP.name, 1, "scaling run small.toml")
+    finally:
+        executor.shutdown(cancel=True)
+        con.close()
+    assert outcome.failed == len(RUNS) and outcome.counts == {"failed": len(RUNS)}
+    assert {(status, attempts) for status, attempts, _ in rows} == {("failed", 0)}
+    assert all(error.startswith("could not start a worker process: ") for _, _, error in rows)
+    assert advice == (f"{len(RUNS)} run(s) failed: `scaling status small` shows why; {len(RUNS)} will be tried "
+                      "again by rerunning `scaling run small.toml`")
+
+
+def test_failure_advice_names_runs_out_of_retries(tmp_path):
+    from scaling.runner import failure_advice
+
+    db = tmp_path / "results.duckdb"
+    victim = next(iter(RUNS))
+    sweep_pass(db, Scripted({victim: ["fail", "fail"]}), retries=1)
+    con = connect(db)
+    try:
+        assert failure_advice(con, "small", 1, "scaling run small.toml") == (
+            "1 run(s) failed: `scaling status small` shows why; 1 used up --retries 1: once the cause is fixed, "
+            "rerun with --retries 2")
+    finally:
+        con.close()
