@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,10 +20,10 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from scaling.config import SweepConfig
+from scaling.config import RunSpec, SweepConfig
 from scaling.runfiles import DamagedRunFile, read_finished, set_aside
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_DB = "scaling.duckdb"
 
 
@@ -36,14 +37,14 @@ RUN_COLUMNS = {
     "active_params": "BIGINT", "embedding_params": "BIGINT", "sparsity": "DOUBLE", "param_sparsity": "DOUBLE",
     "n_experts": "INTEGER", "top_k": "INTEGER", "d_model": "INTEGER", "n_layers": "INTEGER",
     "n_heads": "INTEGER", "lr": "DOUBLE", "steps": "INTEGER", "tokens": "BIGINT", "unique_tokens": "BIGINT",
-    "epochs": "DOUBLE", "seed": "INTEGER", "spec": "JSON", "run_dir": "VARCHAR",
+    "epochs": "DOUBLE", "seed": "INTEGER", "threads": "INTEGER", "spec": "JSON", "run_dir": "VARCHAR",
     "final_train_loss": "DOUBLE", "final_eval_loss": "DOUBLE", "tokens_seen": "BIGINT", "epochs_done": "DOUBLE",
     "diverged_step": "INTEGER", "wall_s": "DOUBLE", "train_s": "DOUBLE", "tokens_per_s": "DOUBLE",
     "flops_per_s": "DOUBLE", "started_at": "TIMESTAMP", "finished_at": "TIMESTAMP", "ingested_at": "TIMESTAMP",
 }
 PLANNED = ["flops", "flops_6nd", "params", "active_params", "embedding_params", "sparsity", "param_sparsity",
            "n_experts", "top_k", "d_model", "n_layers", "n_heads", "lr", "steps", "tokens", "unique_tokens",
-           "epochs", "seed"]
+           "epochs", "seed", "threads"]
 RESULT = ["final_train_loss", "final_eval_loss", "tokens_seen", "epochs_done", "diverged_step", "wall_s",
           "train_s", "tokens_per_s", "flops_per_s", "started_at", "finished_at"]
 
@@ -52,6 +53,7 @@ CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
 CREATE TABLE IF NOT EXISTS sweeps (name VARCHAR PRIMARY KEY, path VARCHAR, config JSON, planned_at TIMESTAMP,
     n_runs INTEGER);
 CREATE TABLE IF NOT EXISTS runs ({", ".join(f"{k} {v}" for k, v in RUN_COLUMNS.items())});
+CREATE TABLE IF NOT EXISTS run_aliases (old_id VARCHAR PRIMARY KEY, run_id VARCHAR, reason VARCHAR);
 CREATE TABLE IF NOT EXISTS sweep_runs (sweep VARCHAR, run_id VARCHAR, budget DOUBLE, PRIMARY KEY (sweep, run_id));
 CREATE TABLE IF NOT EXISTS metrics (run_id VARCHAR, step INTEGER, tokens BIGINT, train_loss DOUBLE,
     ce_loss DOUBLE, aux_loss DOUBLE, z_loss DOUBLE, eval_loss DOUBLE, lr DOUBLE, wall_s DOUBLE,
@@ -138,12 +140,73 @@ def init_schema(con: duckdb.DuckDBPyConnection, path: Path) -> None:
         con.close()
         raise StoreError(f"{path} is a DuckDB file of something else (tables: {', '.join(sorted(tables)[:5])}), "
                          "not a scaling results database: pass another --db")
+    version = check_version(con, path) if tables else None
+    if version is not None and version < SCHEMA_VERSION:
+        migrate(con, version)
     con.execute(SCHEMA)
-    version = check_version(con, path)
     if version is None:
         con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
     for name, sql in VIEWS.items():
         con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
+
+
+THREAD_LINE = re.compile(r"(?:starting|resuming at step \d+) run \w+: .*, (\d+) CPU thread\(s\)$", re.M)
+
+
+def recorded_threads(run_dir: Path) -> set[int]:
+    """The thread counts a run's ``log.txt`` says it trained with (one per start or resume)."""
+    try:
+        return {int(n) for n in THREAD_LINE.findall((run_dir / "log.txt").read_text(errors="replace"))}
+    except OSError:
+        return set()
+
+
+def resolve_threads(con: duckdb.DuckDBPyConnection) -> None:
+    """Version 2: a run's thread count is part of its spec and its id (``runs.threads``; see
+    ``config.V1_ONE_THREAD``). Runs planned before said ``train.threads = 0`` (cores / workers, decided at run
+    time); each gets the count its ``log.txt`` records. Why re-key rather than keep the ids and record the count
+    in a column: losses depend on the count, so one id must mean one count; one thread keeps its id, so the
+    common case (as many one-thread workers as cores) changes nothing, and a run that ran with N > 1 threads is
+    re-keyed to the id of its spec with ``threads = N``, the old id kept in ``run_aliases`` (its files stay in
+    their directory). A run never started counts as one thread (the new default). A run whose log is missing
+    or names several counts (resumed under another ``--workers``) keeps its id and gets ``threads`` NULL."""
+    con.execute("ALTER TABLE runs ADD COLUMN IF NOT EXISTS threads INTEGER")
+    con.execute("CREATE TABLE IF NOT EXISTS run_aliases (old_id VARCHAR PRIMARY KEY, run_id VARCHAR, "
+                "reason VARCHAR)")
+    rows = con.execute("SELECT run_id, spec, run_dir, status FROM runs "
+                       "WHERE CAST(json_extract(spec, '$.train.threads') AS INTEGER) = 0").fetchall()
+    for run_id, spec_json, run_dir, status in rows:
+        spec = json.loads(spec_json)
+        counts = recorded_threads(Path(run_dir)) if run_dir else set()
+        threads = counts.pop() if len(counts) == 1 else (1 if status == "planned" and not counts else None)
+        spec["train"]["threads"] = threads or 1  # an unknown count keeps its id, which one thread hashes to
+        new_id = RunSpec.from_dict(spec).run_id
+        taken = new_id != run_id and con.execute("SELECT 1 FROM runs WHERE run_id = ?", [new_id]).fetchall()
+        if taken:  # already planned and stored under its new id: the old row stays as it was
+            continue
+        con.execute("UPDATE runs SET spec = ?, threads = ? WHERE run_id = ?", [json.dumps(spec), threads, run_id])
+        if new_id == run_id:
+            continue
+        for table in ("runs", "sweep_runs", "metrics", "router_stats", "token_loss_arrays"):
+            con.execute(f"UPDATE {table} SET run_id = ? WHERE run_id = ?", [new_id, run_id])
+        con.execute("INSERT INTO run_aliases VALUES (?, ?, ?)",
+                    [run_id, new_id, f"planned with threads = 0, trained with {threads} threads"])
+
+
+MIGRATIONS = {2: resolve_threads}  # schema version -> the step from the version before
+
+
+def migrate(con: duckdb.DuckDBPyConnection, version: int) -> None:
+    """Bring a file of schema ``version`` up to ``SCHEMA_VERSION``, one step at a time, in one transaction."""
+    con.execute("BEGIN")
+    try:
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            MIGRATIONS[step](con)
+        con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
 
 
 def check_version(con: duckdb.DuckDBPyConnection, path: Path) -> int | None:
@@ -172,7 +235,8 @@ def register_plan(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, runs: pd.D
         values = [row[c] for c in PLANNED]
         con.execute(f"""INSERT INTO runs (run_id, status, attempts, {", ".join(PLANNED)}, spec, run_dir)
                         VALUES (?, 'planned', 0, {", ".join("?" * len(PLANNED))}, ?, ?)
-                        ON CONFLICT DO UPDATE SET run_dir = excluded.run_dir""",
+                        ON CONFLICT DO UPDATE SET run_dir = CASE WHEN runs.status IN ('ok', 'diverged')
+                            THEN runs.run_dir ELSE excluded.run_dir END""",
                     [row["run_id"], *values, json.dumps(row["spec"].to_dict()), run_dir])
         con.execute("INSERT INTO sweep_runs VALUES (?, ?, ?)", [sweep.name, row["run_id"], row["budget"]])
     con.execute("COMMIT")

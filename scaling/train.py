@@ -161,26 +161,13 @@ def keep_freed_memory() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
-def env_threads() -> int:
-    """``SCALING_THREADS`` (set by the executors for each worker), or 0 when unset."""
-    value = os.environ.get("SCALING_THREADS", "").strip()
-    if not value:
-        return 0
-    if not value.isdigit():
-        raise ValueError(f"SCALING_THREADS must be a whole number of threads, got {value!r}")
-    return int(value)
-
-
 def place(threads: int) -> Placement:
-    """CUDA if available, else CPU; joins the process group when launched by torchrun (WORLD_SIZE > 1).
-
-    CPU threads: ``threads`` (the spec's ``train.threads``), else ``SCALING_THREADS``, else this process's share
-    of the machine's cores."""
+    """CUDA if available, else CPU with ``threads`` threads (the spec's ``train.threads``); joins the process group
+    when launched by torchrun (WORLD_SIZE > 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     cuda = torch.cuda.is_available()
-    torch.set_num_threads(threads or env_threads() or max(1, (os.cpu_count() or 1) // local_world))
+    torch.set_num_threads(threads)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{local}" if cuda else "cpu")
@@ -337,12 +324,23 @@ class Run:
                 continue
             try:
                 state = torch.load(path, map_location=self.where.device, weights_only=False)
-                if state["run_id"] != self.spec.run_id:
-                    continue
-                self.restore(state)
-                return True
+                run_id = state["run_id"]
             except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is set aside, the run goes on
                 self.set_aside(path, exc)
+                continue
+            if run_id != self.spec.run_id:
+                continue
+            threads = state.get("threads", torch.get_num_threads())
+            if threads != torch.get_num_threads():
+                raise ValueError(f"run {run_id}: {path.name} was written with {threads} CPU threads, this process "
+                                 f"has {torch.get_num_threads()}: resuming would mix two thread counts in one run "
+                                 "(delete it to start over)")
+            try:
+                self.restore(state)
+            except Exception as exc:  # noqa: BLE001
+                self.set_aside(path, exc)
+                continue
+            return True
         return False
 
     def set_aside(self, path: Path, exc: Exception) -> None:
@@ -504,6 +502,7 @@ class Run:
             "wall_s": rec.wall_s, "train_s": rec.train_s, "tokens_per_s": rate,
             "flops_per_s": train_flops_per_token(spec.model) * rate,
             "params": self.model.num_params(), "active_params": self.model.active_params(),
+            "threads": torch.get_num_threads(),
             "started_at": rec.started_at, "finished_at": now_iso(),
             "notes": self.notes, "metrics": rec.metrics, "router": rec.router,
         }

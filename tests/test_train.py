@@ -248,3 +248,21 @@ def test_a_failed_checkpoint_write_leaves_no_temporary_file(tmp_path, monkeypatc
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["record"]["step"] == 10
     assert train_run(spec, tmp_path)["status"] == "ok"
     assert "resuming at step 10 run" in (tmp_path / "log.txt").read_text()
+
+
+def test_thread_count_is_part_of_the_run(tmp_path):
+    """Same spec and thread count: bit-identical losses. The count is in the spec (and its id) and in result.json;
+    a checkpoint written with another count is refused, never mixed into the run."""
+    two = make_spec(steps=20, train_overrides={"threads": 2})
+    assert two.run_id != make_spec(steps=20).run_id
+    a, b = train_run(two, tmp_path / "a"), train_run(two, tmp_path / "b")
+    assert a["threads"] == 2 and a["final_eval_loss"] == b["final_eval_loss"]
+    assert [m["train_loss"] for m in files(tmp_path / "a")[0]["metrics"]] == \
+        [m["train_loss"] for m in files(tmp_path / "b")[0]["metrics"]]
+    one = make_spec(steps=20)
+    train_run(one, tmp_path / "c", stop_after_steps=10)
+    state = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)
+    assert state["threads"] == 1
+    torch.save({**state, "threads": 2}, tmp_path / "c" / "checkpoint.pt")
+    with pytest.raises(ValueError, match="written with 2 CPU threads, this process has 1"):
+        train_run(one, tmp_path / "c")
