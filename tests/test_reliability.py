@@ -26,7 +26,7 @@ import pytest
 
 from scaling.config import load_sweep
 from scaling.data import prepare
-from scaling.executors import LocalExecutor, available_cpus
+from scaling.executors import LocalExecutor, Task, available_cpus
 from scaling.grid import plan
 from scaling.runner import execute_locked, run_sweep
 from scaling.store import connect
@@ -196,6 +196,25 @@ def test_killed_driver_rerun_trains_every_run_exactly_once(killed_and_rerun):
         assert len(STARTED.findall(text)) == 1 and not RESUMED.search(text), f"{run_id}:\n{text}"
     one_thread_each(k.runs, table)
     assert re.search(r"smoke: .*\d+ already done", k.stderr), k.stderr
+
+
+def test_losses_do_not_depend_on_the_number_of_workers(killed_and_rerun, tmp_path):
+    """One worker on this machine's cores trains the two shortest smoke runs to the very losses that one-thread
+    workers side by side reached: the thread count is the run's (1), not cores / workers."""
+    shortest = [run_id for run_id, _ in smoke_runs()[-2:]]
+    runs = {r["run_id"]: r for r in plan(load_sweep(SMOKE)).runs.to_dict("records")}
+    executor = LocalExecutor(workers=1, fn=execute_locked)
+    try:
+        handles = executor.submit([Task(run_id=r, spec=runs[r]["spec"].to_dict(), run_dir=str(tmp_path / r))
+                                   for r in shortest])
+        outcomes = {h.task.run_id: h.outcome() for h in handles}
+    finally:
+        executor.shutdown(cancel=True)
+    side_by_side = runs_table(killed_and_rerun.db)
+    for run_id, (result, error) in outcomes.items():
+        assert error is None and result["threads"] == 1, error
+        assert result["final_eval_loss"] == side_by_side[run_id]["final_eval_loss"], run_id
+        assert result["final_train_loss"] == side_by_side[run_id]["final_train_loss"], run_id
 
 
 # ------------------------------------------------------------------------------------------------------------
