@@ -28,6 +28,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -90,7 +91,7 @@ def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
 
 
 @contextlib.contextmanager
-def atomic(path: Path, keep: Path | None = None):
+def atomic(path: Path, keep: Path | None = None) -> Iterator[Path]:
     """Yield a temporary name to write ``path`` under; on success it replaces ``path`` (whose previous version
     becomes ``keep`` if given), on any failure (a full disk...) the temporary file is removed."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -325,19 +326,22 @@ class Run:
             try:
                 state = torch.load(path, map_location=self.where.device, weights_only=False)
                 run_id = state["run_id"]
-            except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is set aside, the run goes on
+            except Exception as exc:  # any unreadable checkpoint is set aside, the run goes on
                 self.set_aside(path, exc)
                 continue
             if run_id != self.spec.run_id:
                 continue
-            threads = state.get("threads", torch.get_num_threads())
+            threads = state.get("threads")
+            if threads is None:  # its thread count is unknown: resuming could mix two in one run
+                self.set_aside(path, ValueError("it was written before checkpoints recorded their thread count"))
+                continue
             if threads != torch.get_num_threads():
                 raise ValueError(f"run {run_id}: {path.name} was written with {threads} CPU threads, this process "
                                  f"has {torch.get_num_threads()}: resuming would mix two thread counts in one run "
                                  "(delete it to start over)")
             try:
                 self.restore(state)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # e.g. tensors of another shape
                 self.set_aside(path, exc)
                 continue
             return True

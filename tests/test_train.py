@@ -266,3 +266,19 @@ def test_thread_count_is_part_of_the_run(tmp_path):
     torch.save({**state, "threads": 2}, tmp_path / "c" / "checkpoint.pt")
     with pytest.raises(ValueError, match="written with 2 CPU threads, this process has 1"):
         train_run(one, tmp_path / "c")
+
+
+def test_a_checkpoint_without_a_thread_count_is_not_resumed(tmp_path):
+    """Checkpoints of the previous release record no thread count (it was cores / workers): the run starts over
+    rather than mix two counts."""
+    spec = make_spec(steps=20)
+    full = train_run(spec, tmp_path / "full")
+    train_run(spec, tmp_path / "old", stop_after_steps=10)
+    state = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=False)
+    del state["threads"]
+    torch.save(state, tmp_path / "old" / "checkpoint.pt")
+    resumed = train_run(spec, tmp_path / "old")
+    assert resumed["final_eval_loss"] == full["final_eval_loss"]
+    text = (tmp_path / "old" / "log.txt").read_text()
+    assert "checkpoint.pt does not load (ValueError: it was written before checkpoints recorded" in text
+    assert "resuming at step" not in text
