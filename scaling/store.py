@@ -224,7 +224,8 @@ def check_version(con: duckdb.DuckDBPyConnection, path: Path) -> int | None:
 
 def register_plan(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, runs: pd.DataFrame,
                   runs_dir: Path) -> None:
-    """Record a sweep and its planned runs; existing runs keep their status and results."""
+    """Record a sweep and its planned runs; existing runs keep their status and results, finished ones their
+    directory too (a run re-keyed by a migration keeps its files where they are)."""
     now = utcnow()
     con.execute("BEGIN")
     con.execute("INSERT OR REPLACE INTO sweeps VALUES (?, ?, ?, ?, ?)",
