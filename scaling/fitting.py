@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from scaling.laws import FitError, fit_law
+from scaling.sqlquery import QueryError, read_only_statement
 from scaling.store import connect, literal, save_fit
 
 ONE_SPARSITY = ("isoflop", "chinchilla", "data-constrained")  # the laws that know nothing of sparsity
@@ -42,7 +43,7 @@ def read_points(csv_path: str | Path, where: str | None = None) -> pd.DataFrame:
     con = duckdb.connect()
     try:
         con.register("points", frame)
-        selected = query(con, f"SELECT * FROM points WHERE {where}", [], where)
+        selected = query(con, f"SELECT * FROM points WHERE {condition(where)}", [], where)
     finally:
         con.close()
     if selected.empty:
@@ -50,9 +51,18 @@ def read_points(csv_path: str | Path, where: str | None = None) -> pd.DataFrame:
     return selected
 
 
+def condition(where: str) -> str:
+    """A ``--where`` condition as a term of a larger query: parenthesized, on its own line so that a trailing
+    ``-- comment`` ends there."""
+    return f"({where}\n)"
+
+
 def query(con: duckdb.DuckDBPyConnection, sql: str, args: list, where: str | None) -> pd.DataFrame:
+    """Run a query built around a user's ``--where``: exactly one read-only statement, or a one-line FitError."""
     try:
-        return con.execute(sql, args).df()
+        return con.execute(read_only_statement(sql), args).df()
+    except QueryError as e:
+        raise FitError(f"--where {where!r}: {e}") from None
     except duckdb.Error as e:
         raise FitError(f"--where {where!r}: {str(e).splitlines()[0]}") from None
 
@@ -101,7 +111,7 @@ def points_sql(where: str | None = None, sparsity: float | None = None, sweep: s
     if sparsity is not None:
         conditions.append(f"abs(sparsity - {float(sparsity)!r}) < 1e-6")
     if where:
-        conditions.append(f"({where})")
+        conditions.append(condition(where))
     return f"SELECT * FROM isoflop_points WHERE {' AND '.join(conditions)} ORDER BY budget, active_params"
 
 
