@@ -10,9 +10,8 @@ import traceback
 from pathlib import Path
 
 import click
-import duckdb
 
-from scaling.config import ConfigError, load_sweep
+from scaling.config import ConfigError, RunSpec, load_sweep
 from scaling.output import FORMATS, emit, emit_json, err
 
 FORMAT = click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
@@ -31,14 +30,15 @@ def runs_root(path: str | None) -> Path:
     return Path(path or os.environ.get("SCALING_RUNS") or "runs").absolute()
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that are the user's input, printed as one line."""
-    from scaling.data import DataError
-    from scaling.executors import ExecutorError
-    from scaling.laws import FitError
-    from scaling.store import StoreError
+USER_ERRORS = {"scaling.store": "StoreError", "scaling.laws": "FitError", "scaling.data": "DataError",
+               "scaling.executors": "ExecutorError", "duckdb": "Error"}  # module: exception that is the user's input
 
-    return (StoreError, FitError, DataError, ExecutorError, duckdb.Error, FileNotFoundError)
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that are the user's input, printed as one line. Only modules already imported can have raised
+    one, so none is imported here (``scaling.data`` alone would cost seconds of torch import)."""
+    loaded = [getattr(sys.modules[module], name) for module, name in USER_ERRORS.items() if module in sys.modules]
+    return (*loaded, FileNotFoundError)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,9 +53,10 @@ def cli() -> None:
 @click.option("--dropped", is_flag=True, help="print the dropped points instead of the planned runs")
 def grid(sweep_file: str, fmt: str, dropped: bool) -> None:
     """Plan a sweep: every (budget, sparsity, size, seed) run with exact FLOPs and a stable run_id."""
+    sweep = load_sweep(sweep_file)  # before the heavy imports: a config error is printed at once
     from scaling.grid import plan, summarize
 
-    planned = plan(load_sweep(sweep_file))
+    planned = plan(sweep)
     frame = planned.dropped if dropped else planned.runs.drop(columns="spec")
     if fmt == "table" and not dropped:
         frame = frame[GRID_COLUMNS]
@@ -91,9 +92,9 @@ def run(sweep_file: str | None, db: str | None, runs_dir: str | None, one: str |
         return
     if sweep_file is None:
         raise click.UsageError("give a SWEEP_FILE, or --one JSON")
+    sweep = load_sweep(sweep_file)
     from scaling.sweep import execute_sweep
 
-    sweep = load_sweep(sweep_file)
     if quick:
         from scaling.grid import quick as reduce
 
@@ -113,15 +114,33 @@ def run(sweep_file: str | None, db: str | None, runs_dir: str | None, one: str |
 
 
 def run_one(spec_json: str, runs_dir: str | None) -> None:
-    from scaling.config import RunSpec
+    spec = one_spec(spec_json)
     from scaling.train import train_run
 
-    try:
-        spec = RunSpec.from_dict(json.loads(spec_json))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--one: not valid JSON: {e}") from None
     result = train_run(spec, runs_root(runs_dir) / spec.run_id)
     emit_json(result)
+
+
+def one_spec(spec_json: str) -> RunSpec:
+    """``--one JSON``: a RunSpec as ``spec.json`` holds it (its ``run_id`` must be the spec's own) that trains at
+    least one step; anything else is a ConfigError."""
+    try:
+        raw = json.loads(spec_json)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--one: not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--one: expected a JSON object (a run spec, as in runs/<id>/spec.json), "
+                          f"got a {type(raw).__name__}")
+    given = raw.pop("run_id", None)
+    spec = RunSpec.from_dict(raw)
+    if given is not None and given != spec.run_id:
+        raise ConfigError(f"--one: run_id {given!r} is not this spec's id ({spec.run_id}): the spec was edited; "
+                          "drop run_id")
+    batch = spec.train.batch_size * spec.model.context
+    if spec.steps < 1:
+        raise ConfigError(f"--one: tokens = {spec.tokens} is less than one batch (batch_size × context = {batch} "
+                          "tokens): nothing to train")
+    return spec
 
 
 @cli.command()
@@ -216,20 +235,20 @@ def fit(sweep: str | None, law: str, csv_path: str | None, columns: tuple[str, .
         sparsity: float | None, freeze: tuple[str, ...], bootstrap: int, budget: float | None,
         unique_tokens: float | None, seed: int, db: str | None, fmt: str) -> None:
     """Fit a scaling law to a sweep's runs (saved in the store) or to a CSV."""
-    from scaling.fitting import fit_frame, fit_sweep, result_table
-
     if columns and not csv_path:
         raise click.UsageError("--column applies to --csv only")
     if sparsity is not None and not math.isfinite(sparsity):  # FloatRange lets NaN through
         raise click.BadParameter(f"{sparsity} is not a sparsity in [0, 1)", param_hint="--sparsity")
     options = dict(where=where, sparsity=sparsity, bootstrap=bootstrap, budget=budget, unique_tokens=unique_tokens,
                    seed=seed, **frozen_options(law, freeze))
+    if not csv_path and not sweep:
+        raise click.UsageError("give a SWEEP (from the store) or --csv PATH")
+    from scaling.fitting import fit_frame, fit_sweep, result_table
+
     if csv_path:
         result = fit_frame(csv_path, law, columns=assignments(columns, "--column", "OURS=THEIRS"), **options)
-    elif sweep:
-        result = fit_sweep(db, sweep_name(sweep), law, **options)
     else:
-        raise click.UsageError("give a SWEEP (from the store) or --csv PATH")
+        result = fit_sweep(db, sweep_name(sweep), law, **options)
     if fmt == "json":
         emit_json(result)
     else:

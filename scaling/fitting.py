@@ -14,6 +14,7 @@ from scaling.sqlquery import QueryError, read_only_statement
 from scaling.store import connect, literal, save_fit
 
 ONE_SPARSITY = ("isoflop", "chinchilla", "data-constrained")  # the laws that know nothing of sparsity
+NUMERIC = ("params", "active_params", "tokens", "unique_tokens", "sparsity", "flops", "loss")  # the convention
 
 
 def complete_columns(frame: pd.DataFrame) -> pd.DataFrame:
@@ -36,8 +37,12 @@ def read_points(csv_path: str | Path, where: str | None = None) -> pd.DataFrame:
     """A CSV's rows, optionally only those matching ``where`` (a DuckDB SQL condition on its columns)."""
     try:
         frame = pd.read_csv(csv_path)
+    except pd.errors.EmptyDataError:
+        raise FitError(f"{csv_path} is empty (expected a header line and rows)") from None
     except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise FitError(f"cannot read {csv_path}: {e}") from None
+        raise FitError(f"cannot read {csv_path}: {' '.join(str(e).split())}") from None
+    if frame.empty:
+        raise FitError(f"{csv_path} has a header but no rows")
     if where is None:
         return frame
     con = duckdb.connect()
@@ -81,7 +86,7 @@ def fit_frame(csv_path: str | Path, law: str, columns: dict[str, str] | None = N
     frame = frame.assign(**{ours: frame[theirs] for ours, theirs in (columns or {}).items()})
     if "loss" not in frame:
         raise FitError(f"{csv_path} has no 'loss' column (columns: {', '.join(frame.columns)})")
-    frame = complete_columns(frame)
+    frame = complete_columns(numeric(frame, csv_path))
     if sparsity is not None:
         kept = frame[np.isclose(frame["sparsity"], sparsity, rtol=0, atol=1e-6)]
         if kept.empty:
@@ -89,6 +94,19 @@ def fit_frame(csv_path: str | Path, law: str, columns: dict[str, str] | None = N
                            f"(it has {levels(frame['sparsity'])})")
         frame = kept
     return fit_law(one_sparsity(frame, law, csv_path), law, **options)
+
+
+def numeric(frame: pd.DataFrame, source: str | Path) -> pd.DataFrame:
+    """``frame`` if every convention column in it holds numbers (empty cells allowed), else a FitError naming the
+    first cell that is not one (e.g. "1,000": thousands separators are not numbers)."""
+    for column in (c for c in NUMERIC if c in frame and not pd.api.types.is_numeric_dtype(frame[c])):
+        if pd.api.types.is_bool_dtype(frame[column]):
+            continue
+        bad = pd.to_numeric(frame[column], errors="coerce").isna() & frame[column].notna()
+        row = int(np.flatnonzero(bad.to_numpy())[0]) if bad.any() else 0
+        raise FitError(f"{source}: column {column!r} must hold numbers, but row {row + 1} has "
+                       f"{frame[column].iloc[row]!r} (write numbers without thousands separators)")
+    return frame
 
 
 def levels(sparsity: pd.Series) -> str:

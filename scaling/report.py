@@ -543,6 +543,8 @@ def write_report(db: str | None, sweep: str, out: Path, bootstrap: int = 200) ->
     """Fit, draw and write the report of ``sweep`` under ``out``; returns ``out/index.html``."""
     out = Path(out)
     data = read_sweep(db, sweep, bootstrap)
+    if data.points.empty:
+        raise StoreError(f"sweep {sweep!r} has no finished runs to report on (`scaling status {sweep}` says why)")
     budgets = data.config.get("budgets") or sorted(data.points["budget"].unique())
     budget = float(max(budgets)) if len(budgets) else math.nan
     unique_tokens = float(data.config.get("unique_tokens") or data.points["unique_tokens"].max())
