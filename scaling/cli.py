@@ -11,13 +11,16 @@ from pathlib import Path
 
 import click
 
-from scaling.config import ConfigError, RunSpec, load_sweep
+from scaling.config import ConfigError, RunSpec, SweepConfig, load_sweep
 from scaling.output import FORMATS, emit, emit_json, err
 
 FORMAT = click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
                       help="table for people; csv or json for scripts")
 DB = click.option("--db", type=click.Path(dir_okay=False), default=None,
                   help="DuckDB results file [default: $SCALING_DB or ./scaling.duckdb]")
+MAX_RUNS = click.option("--max-runs", type=click.IntRange(min=1), default=10_000, show_default=True,
+                        help="refuse a sweep that can plan more runs than this (a typo can ask for millions)")
+FORCE = click.option("--force", is_flag=True, help="plan however many runs the sweep asks for (no --max-runs cap)")
 RUNS_DIR = click.option("--runs-dir", type=click.Path(file_okay=False), default=None,
                         help="where run files go [default: $SCALING_RUNS or ./runs]")
 
@@ -51,12 +54,14 @@ def cli() -> None:
 @click.argument("sweep_file", type=click.Path())
 @FORMAT
 @click.option("--dropped", is_flag=True, help="print the dropped points instead of the planned runs")
-def grid(sweep_file: str, fmt: str, dropped: bool) -> None:
+@MAX_RUNS
+@FORCE
+def grid(sweep_file: str, fmt: str, dropped: bool, max_runs: int, force: bool) -> None:
     """Plan a sweep: every (budget, sparsity, size, seed) run with exact FLOPs and a stable run_id."""
     sweep = load_sweep(sweep_file)  # before the heavy imports: a config error is printed at once
     from scaling.grid import plan, summarize
 
-    planned = plan(sweep)
+    planned = plan(capped(sweep, max_runs, force))
     frame = planned.dropped if dropped else planned.runs.drop(columns="spec")
     if fmt == "table" and not dropped:
         frame = frame[GRID_COLUMNS]
@@ -81,11 +86,13 @@ def grid(sweep_file: str, fmt: str, dropped: bool) -> None:
 @click.option("--retries", type=click.IntRange(min=0), default=1, show_default=True, help="retries of failed runs")
 @click.option("--dry-run", is_flag=True, help="print what would run, with FLOPs and estimated time")
 @click.option("--quick", is_flag=True, help="a reduced version of the sweep (smoke test)")
+@MAX_RUNS
+@FORCE
 @FORMAT
 def run(sweep_file: str | None, db: str | None, runs_dir: str | None, one: str | None, executor: str,
         workers: int, max_parallel: int | None, partition: str | None, time_min: int | None,
         cpus_per_task: int | None, gpus_per_node: int | None, retries: int, dry_run: bool, quick: bool,
-        fmt: str) -> None:
+        max_runs: int, force: bool, fmt: str) -> None:
     """Train every run of a sweep that is not done yet and ingest the results (resumable)."""
     if one is not None:
         run_one(one, runs_dir)
@@ -99,6 +106,7 @@ def run(sweep_file: str | None, db: str | None, runs_dir: str | None, one: str |
         from scaling.grid import quick as reduce
 
         sweep = reduce(sweep)
+    sweep = capped(sweep, max_runs, force)
     options = {k: v for k, v in dict(partition=partition, time_min=time_min, cpus_per_task=cpus_per_task,
                                      gpus_per_node=gpus_per_node, max_parallel=max_parallel).items()
                if v is not None}
@@ -111,6 +119,15 @@ def run(sweep_file: str | None, db: str | None, runs_dir: str | None, one: str |
                             retries=retries, dry_run=dry_run, fmt=fmt)
     if outcome is not None and outcome.failed:
         sys.exit(1)  # the summary said which runs failed; finished ones are stored
+
+
+def capped(sweep: SweepConfig, max_runs: int, force: bool) -> SweepConfig:
+    """``sweep``, unless it can plan more runs than ``--max-runs`` and there is no ``--force``: then a
+    ConfigError saying how many."""
+    from scaling.grid import check_size
+
+    check_size(sweep, None if force else max_runs)
+    return sweep
 
 
 def run_one(spec_json: str, runs_dir: str | None) -> None:

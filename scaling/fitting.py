@@ -86,14 +86,19 @@ def fit_frame(csv_path: str | Path, law: str, columns: dict[str, str] | None = N
     frame = frame.assign(**{ours: frame[theirs] for ours, theirs in (columns or {}).items()})
     if "loss" not in frame:
         raise FitError(f"{csv_path} has no 'loss' column (columns: {', '.join(frame.columns)})")
-    frame = complete_columns(numeric(frame, csv_path))
+    duplicated = frame.duplicated()
+    frame = complete_columns(numeric(frame[~duplicated], csv_path))
     if sparsity is not None:
         kept = frame[np.isclose(frame["sparsity"], sparsity, rtol=0, atol=1e-6)]
         if kept.empty:
             raise FitError(f"{csv_path} has no rows at sparsity {sparsity:g} "
                            f"(it has {levels(frame['sparsity'])})")
         frame = kept
-    return fit_law(one_sparsity(frame, law, csv_path), law, **options)
+    result = fit_law(one_sparsity(frame, law, csv_path), law, **options)
+    if duplicated.any():  # a copied row would count twice, and the bootstrap would overstate the certainty
+        result["notes"] = [*result.get("notes", []), f"{duplicated.sum()} duplicate rows of {csv_path} (every "
+                           "column equal to an earlier row's) were dropped: each point is fitted once"]
+    return result
 
 
 def numeric(frame: pd.DataFrame, source: str | Path) -> pd.DataFrame:

@@ -1120,8 +1120,10 @@ def _parabolas(u: np.ndarray, y: np.ndarray, groups: np.ndarray, n_groups: int, 
         v = u[idx] - center
         X = np.stack([np.ones_like(v), v, v * v], axis=1)
         w = W[:, idx]
-        levels, level_of = np.unique(v, return_inverse=True)
-        ok = ((w @ np.eye(len(levels))[level_of]) > 0).sum(axis=1) >= 3  # 3+ distinct sizes drawn
+        order = np.argsort(v, kind="stable")
+        starts = np.flatnonzero(np.r_[True, np.diff(v[order]) != 0])  # the first row of each distinct size
+        level_w = np.add.reduceat(w[:, order], starts, axis=1)  # (R, sizes): no (n, sizes) one-hot matrix
+        ok = (level_w > 0).sum(axis=1) >= 3  # 3+ distinct sizes drawn
         A = np.einsum("rn,ni,nj->rij", w, X, X)
         A[~ok] = np.eye(3)
         coef = np.linalg.solve(A, np.einsum("rn,ni,n->ri", w, X, y[idx])[..., None])[..., 0]

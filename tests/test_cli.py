@@ -127,3 +127,28 @@ def test_report_of_a_sweep_without_finished_runs_is_one_line(tmp_path):
     db = build_store(tmp_path, SMALL, failed=12)
     one_line_error(scaling("report", "small", "--db", str(db), "--out", str(tmp_path / "report")),
                    "no finished runs")
+
+
+def test_grid_size_is_capped_unless_forced(tmp_path):
+    """250k seeds (a typo) would queue a million runs: refused in one line, counted without planning them;
+    --max-runs raises the cap and --force lifts it."""
+    smoke = (ROOT / "sweeps" / "smoke.toml").read_text()
+    many = tmp_path / "many.toml"
+    many.write_text(smoke.replace("seeds = [0]", f"seeds = {list(range(250_000))}"))
+    one_line_error(scaling("grid", str(many)), "up to 2,000,000 runs")
+    one_line_error(scaling("run", str(many), "--db", str(tmp_path / "s.duckdb"), "--dry-run"), "over the cap")
+    assert not (tmp_path / "s.duckdb").exists()
+    few = tmp_path / "few.toml"
+    few.write_text(smoke.replace("seeds = [0]", "seeds = [0, 1, 2]"))
+    one_line_error(scaling("grid", str(few), "--max-runs", "11"), "up to 24 runs")
+    for args in (["--max-runs", "24"], ["--max-runs", "11", "--force"]):
+        assert scaling("grid", str(few), *args, "--format", "csv").returncode == 0
+
+
+def test_sizes_count_is_bounded(tmp_path):
+    """``sizes.count = 1000000`` once hung ``scaling grid``: refused at once, even with --force."""
+    huge = tmp_path / "huge.toml"
+    huge.write_text((ROOT / "sweeps" / "smoke.toml").read_text().replace("count = 2", "count = 1000000"))
+    for args in ([], ["--force"]):
+        one_line_error(subprocess.run([SCALING, "grid", str(huge), *args], capture_output=True, text=True,
+                                      timeout=60), "sizes.count = 1,000,000 is over the limit")
