@@ -253,12 +253,13 @@ def isoflop_plot(points: pd.DataFrame | None, vertices: pd.DataFrame | None = No
     data, curves, marks = labels(data), labels(curves), labels(marks)
     ncol, size = facets(len(labels.variants))
     plot = (ggplot(data, aes(x, "loss", color="budget_label"))
-            + geom_line(data=curves, size=0.7)
             + geom_point(size=2, alpha=0.8)
             + facet_wrap("variant", ncol=ncol)
             + log_x() + labels.budget_colors() + style(size)
             + labs(x=f"{AXIS[x]} (log scale)", y=LOSS, shape="",
                    title=f"IsoFLOP profiles: final loss against {AXIS[x]} at fixed compute C"))
+    if len(curves):  # an empty layer would leave the loss axis without a range, hence without ticks
+        plot += geom_line(data=curves, size=0.7)
     bars = marks.dropna(subset=["lo", "hi"])
     if len(bars):
         plot += geom_errorbarh(aes(y="loss_opt", xmin="lo", xmax="hi", color="budget_label"), data=bars,
