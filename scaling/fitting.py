@@ -57,9 +57,9 @@ def read_points(csv_path: str | Path, where: str | None = None) -> pd.DataFrame:
 
 
 def condition(where: str) -> str:
-    """A ``--where`` condition as a term of a larger query: parenthesized, on its own line so that a trailing
-    ``-- comment`` ends there."""
-    return f"({where}\n)"
+    """A ``--where`` condition as a term of a larger query: parenthesized; a trailing ``-- comment`` ends at a
+    line break before the parenthesis."""
+    return f"({where}\n)" if "--" in where else f"({where})"
 
 
 def query(con: duckdb.DuckDBPyConnection, sql: str, args: list, where: str | None) -> pd.DataFrame:
