@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -138,6 +139,16 @@ def run_one(spec_json: str, runs_dir: str | None) -> None:
     emit_json(result)
 
 
+def show_progress() -> None:
+    """Progress lines of long fits (``scaling.optimize`` logs them) on stderr, never on stdout."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("fit: %(message)s"))
+    logger = logging.getLogger("scaling.optimize")
+    logger.handlers[:] = [handler]  # one handler, on this run's stderr
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def one_spec(spec_json: str) -> RunSpec:
     """``--one JSON``: a RunSpec as ``spec.json`` holds it (its ``run_id`` must be the spec's own) that trains at
     least one step; anything else is a ConfigError."""
@@ -260,6 +271,7 @@ def fit(sweep: str | None, law: str, csv_path: str | None, columns: tuple[str, .
                    seed=seed, **frozen_options(law, freeze))
     if not csv_path and not sweep:
         raise click.UsageError("give a SWEEP (from the store) or --csv PATH")
+    show_progress()
     from scaling.fitting import fit_frame, fit_sweep, result_table
 
     if csv_path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -875,3 +876,17 @@ def test_cli_fit_csv_reports_and_drops_duplicate_rows(tmp_path, monkeypatch, cap
     result = json.loads(out)
     assert result["n_points"] == len(frame)
     assert any("10 duplicate rows" in note for note in result["notes"])
+
+
+def test_cli_fit_prints_progress_of_long_fits_on_stderr(monkeypatch, capsys):
+    """A long fit says where it is (at most every PROGRESS_EVERY seconds; here every step) on stderr, keeping
+    stdout to the result."""
+    from scaling import optimize
+
+    monkeypatch.setattr(optimize, "PROGRESS_EVERY", 0.0)
+    path = str(PUBLISHED / "chinchilla_epoch_svg_extracted.csv")
+    code, out, err = scaling_cli(monkeypatch, capsys, "fit", "--csv", path, "--law", "chinchilla", "--format", "json",
+                                 "--column", "params=Model Size", "--column", "flops=Training FLOP")
+    assert code == 0, err
+    assert json.loads(out)["n_points"] > 200
+    assert re.search(r"^fit: Newton step \d+: \d+ of \d+ starts still moving, best objective", err, re.M), err
