@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.colors import to_hex
+from mizani.breaks import breaks_log
 from plotnine import (
     aes,
     element_blank,
@@ -87,8 +88,14 @@ def log_labels(values: Iterable[float]) -> list[str]:
     return labels
 
 
+def log_breaks(limits: tuple[float, float]) -> np.ndarray:
+    """Log-axis breaks: mizani's, but at most four under two decades, where the labels (3.25×10⁴) are long and
+    side-by-side panels would run them into each other."""
+    return breaks_log(n=5 if limits[1] >= 100 * limits[0] else 4)(limits)
+
+
 def log_x(**kwargs) -> scale_x_log10:
-    return scale_x_log10(labels=log_labels, **kwargs)
+    return scale_x_log10(labels=log_labels, **{"breaks": log_breaks, **kwargs})
 
 
 def variant_label(sparsity: float, n_experts: float | None = None, top_k: float | None = None) -> str:

@@ -513,7 +513,7 @@ def html_table(frame: pd.DataFrame, query: str | None = None, scroll: bool = Fal
 def figure_html(figure: Figure) -> str:
     if figure.missing:
         return (f'<figure id="{figure.name}"><p class="missing">Not drawn: {html.escape(figure.missing)}.</p>'
-                f"<figcaption>{html.escape(figure.caption)}</figcaption></figure>")
+                f"<figcaption>When drawn: {html.escape(figure.caption)}</figcaption></figure>")
     png = next(p for p in figure.paths if p.suffix == ".png")
     svg = next(p for p in figure.paths if p.suffix == ".svg")
     data = base64.b64encode(png.read_bytes()).decode()

@@ -177,6 +177,7 @@ def test_thin_sweep_figures_show_data_with_notes(tmp_path):
     page = index.read_text()
     assert "the isoFLOP fits failed" in page and "vertices with their interval" not in page
     assert "with the isoFLOP fit's interval" not in page
+    assert "<figcaption>When drawn: Compute-optimal N*(C)" in page  # the frontier needs the failed fits
 
 
 @pytest.mark.slow
