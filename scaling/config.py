@@ -458,6 +458,12 @@ def load_sweep(path: str | Path) -> SweepConfig:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such sweep file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a sweep file (a .toml)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a sweep file is TOML text)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: malformed TOML: {e}") from None
     try:

@@ -81,16 +81,45 @@ def target_sizes(budget: float, sweep: SweepConfig) -> np.ndarray:
     return np.geomspace(center / half, center * half, sizes.count)
 
 
+MAX_SIZES = 256  # sizes per budget and sparsity; more cannot be distinct shapes under any sane shape rules
+
+
+def seeds_for(budget: float, sweep: SweepConfig) -> list[int]:
+    """The seeds run at ``budget``: the sweep's, plus the repeat seeds at the repeat budgets (or at all)."""
+    seeds = list(sweep.seeds)
+    if any(math.isclose(budget, b, rel_tol=1e-9) for b in sweep.repeat_budgets) or (
+        sweep.repeat_seeds and not sweep.repeat_budgets
+    ):
+        seeds += [s for s in sweep.repeat_seeds if s not in seeds]
+    return seeds
+
+
+def check_size(sweep: SweepConfig, max_runs: int | None) -> int:
+    """The most runs the sweep can plan (before dropped points), counted without planning it; a ConfigError
+    when that exceeds ``max_runs`` (None: no cap), so one typo cannot queue a million runs."""
+    bounded_sizes(sweep)
+    most = sum(len(seeds_for(b, sweep)) for b in sweep.budgets) * len(sweep.variants) * sweep.sizes.count
+    if max_runs is not None and most > max_runs:
+        raise ConfigError(f"{sweep.path or sweep.name}: up to {most:,} runs ({len(sweep.budgets)} budgets × "
+                          f"{len(sweep.variants)} sparsities × {sweep.sizes.count} sizes × seeds), over the cap of "
+                          f"{max_runs:,}: raise --max-runs or pass --force if you mean it")
+    return most
+
+
+def bounded_sizes(sweep: SweepConfig) -> None:
+    """A ConfigError if ``sizes.count`` is over MAX_SIZES (a typo that would plan for hours)."""
+    if sweep.sizes.count > MAX_SIZES:
+        raise ConfigError(f"{sweep.path or sweep.name}: sizes.count = {sweep.sizes.count:,} is over the limit of "
+                          f"{MAX_SIZES} sizes per budget and sparsity")
+
+
 def plan(sweep: SweepConfig) -> Plan:
     """Enumerate every (budget, sparsity, size, seed) point, derive D and epochs, drop impossible points."""
+    bounded_sizes(sweep)
     rows, dropped = [], []
     batch_tokens = sweep.train.batch_size * sweep.context
     for budget in sweep.budgets:
-        seeds = list(sweep.seeds)
-        if any(math.isclose(budget, b, rel_tol=1e-9) for b in sweep.repeat_budgets) or (
-            sweep.repeat_seeds and not sweep.repeat_budgets
-        ):
-            seeds += [s for s in sweep.repeat_seeds if s not in seeds]
+        seeds = seeds_for(budget, sweep)
         for variant in sweep.variants:
             shapes: dict = {}
             for target in target_sizes(budget, sweep):

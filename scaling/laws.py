@@ -29,8 +29,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
-import statsmodels.api as sm
-from scipy import stats
 
 from scaling.bootstrap import percentile_intervals, resample_weights
 from scaling.optimize import Prune, lbfgs, newton
@@ -872,6 +870,8 @@ class DataConstrained(_Parametric):
         objective = LogSumObjective(self._terms(data), data["y"], self.huber_delta)
         resid = objective.log_prediction(theta[None])[0] - data["y"]
         scale = _huber_dispersion(resid, self.huber_delta)
+        from scipy import stats  # imported where used (as statsmodels below): seconds a CLI error must not wait
+
         limit = self.objective_ + stats.chi2.ppf(self.level, 1) / 2 * scale
         offsets = np.array([0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2, 3, 4.5, 6.5, 9.5, 14])
         for j, star in ((5, "R_D_star"), (6, "R_N_star")):
@@ -949,6 +949,8 @@ def _huber_dispersion(resid: np.ndarray, delta: float) -> float:
     """E[ψ²]/E[ψ′] of the Huber ψ = clip(r, ±δ) over the residuals, with E[ψ′] = P(|r| ≤ δ) smoothed by a
     Gaussian kernel (Silverman's bandwidth): the scale turning an objective difference into a likelihood
     ratio."""
+    from scipy import stats
+
     spread = min(resid.std(), stats.iqr(resid) / 1.34) or resid.std() or delta
     h = 0.9 * spread * len(resid) ** -0.2
     inside = np.mean(stats.norm.cdf((delta - resid) / h) - stats.norm.cdf((-delta - resid) / h))
@@ -1123,8 +1125,10 @@ def _parabolas(u: np.ndarray, y: np.ndarray, groups: np.ndarray, n_groups: int, 
         v = u[idx] - center
         X = np.stack([np.ones_like(v), v, v * v], axis=1)
         w = W[:, idx]
-        levels, level_of = np.unique(v, return_inverse=True)
-        ok = ((w @ np.eye(len(levels))[level_of]) > 0).sum(axis=1) >= 3  # 3+ distinct sizes drawn
+        order = np.argsort(v, kind="stable")
+        starts = np.flatnonzero(np.r_[True, np.diff(v[order]) != 0])  # the first row of each distinct size
+        level_w = np.add.reduceat(w[:, order], starts, axis=1)  # (R, sizes): no (n, sizes) one-hot matrix
+        ok = (level_w > 0).sum(axis=1) >= 3  # 3+ distinct sizes drawn
         A = np.einsum("rn,ni,nj->rij", w, X, X)
         A[~ok] = np.eye(3)
         coef = np.linalg.solve(A, np.einsum("rn,ni,n->ri", w, X, y[idx])[..., None])[..., 0]
@@ -1194,6 +1198,8 @@ class IsoFLOP(Law):
         fitted = np.isfinite(nv["vertex"]) & np.isfinite(dv["vertex"])
         usable = fitted & nv["in_range"] & dv["in_range"]
         self._coef, self._centers, self._budgets = nv["coef"], point["n"]["center"], data["budgets"]
+        from scipy import stats
+
         z = stats.norm.ppf(0.5 + self.level / 2)
         self.vertices_ = pd.DataFrame({
             "budget": data["budgets"], "n_opt": 10 ** nv["vertex"],
@@ -1212,6 +1218,8 @@ class IsoFLOP(Law):
         if usable.sum() < 2:
             raise FitError(f"{self.name} needs at least 2 budgets with an in-range vertex (3+ distinct sizes "
                            f"each); got {usable.sum()} of {len(data['budgets'])} budgets")
+        import statsmodels.api as sm
+
         log_c = sm.add_constant(np.log10(data["budgets"][usable]))
         for name, k, part in (("a", "k_N", nv), ("b", "k_D", dv)):
             weights = 1 / part["se"][usable] ** 2 if self.weighted else np.ones(usable.sum())

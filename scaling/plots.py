@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.colors import to_hex
+from mizani.breaks import breaks_log
 from plotnine import (
     aes,
     element_blank,
@@ -87,8 +88,14 @@ def log_labels(values: Iterable[float]) -> list[str]:
     return labels
 
 
+def log_breaks(limits: tuple[float, float]) -> np.ndarray:
+    """Log-axis breaks: mizani's, but at most four under two decades, where the labels (3.25×10⁴) are long and
+    side-by-side panels would run them into each other."""
+    return breaks_log(n=5 if limits[1] >= 100 * limits[0] else 4)(limits)
+
+
 def log_x(**kwargs) -> scale_x_log10:
-    return scale_x_log10(labels=log_labels, **kwargs)
+    return scale_x_log10(labels=log_labels, **{"breaks": log_breaks, **kwargs})
 
 
 def variant_label(sparsity: float, n_experts: float | None = None, top_k: float | None = None) -> str:
@@ -253,12 +260,13 @@ def isoflop_plot(points: pd.DataFrame | None, vertices: pd.DataFrame | None = No
     data, curves, marks = labels(data), labels(curves), labels(marks)
     ncol, size = facets(len(labels.variants))
     plot = (ggplot(data, aes(x, "loss", color="budget_label"))
-            + geom_line(data=curves, size=0.7)
             + geom_point(size=2, alpha=0.8)
             + facet_wrap("variant", ncol=ncol)
             + log_x() + labels.budget_colors() + style(size)
             + labs(x=f"{AXIS[x]} (log scale)", y=LOSS, shape="",
                    title=f"IsoFLOP profiles: final loss against {AXIS[x]} at fixed compute C"))
+    if len(curves):  # an empty layer would leave the loss axis without a range, hence without ticks
+        plot += geom_line(data=curves, size=0.7)
     bars = marks.dropna(subset=["lo", "hi"])
     if len(bars):
         plot += geom_errorbarh(aes(y="loss_opt", xmin="lo", xmax="hi", color="budget_label"), data=bars,

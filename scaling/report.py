@@ -12,6 +12,7 @@ import base64
 import html
 import json
 import math
+import textwrap
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any
 import duckdb
 import numpy as np
 import pandas as pd
+from plotnine import element_text, labs, theme
 
 from scaling import plots
 from scaling.bootstrap import percentile_intervals
@@ -326,6 +328,23 @@ def named(fits: list[Fit], law: str) -> Fit | None:
     return next((f for f in fits if f.law == law), None)
 
 
+def fitted(fit: Fit | None) -> bool:
+    return fit is not None and fit.model is not None
+
+
+def failures(fits: list[Fit], law: str) -> list[str]:
+    """'<title>: <why>' for every fit of ``law`` that failed."""
+    return [f"{fit.title}: {fit.error}" for fit in fits if fit.law == law and fit.error]
+
+
+def noted(plot: Any, notes: list[str]) -> Any:
+    """``plot`` with a note under it saying which fits failed (so the data are drawn without them)."""
+    if plot is None or not notes:
+        return plot
+    text = "\n".join(textwrap.fill(f"fit failed, not drawn: {note}", 110) for note in notes[:3])
+    return plot + labs(caption=text) + theme(plot_caption=element_text(size=7, ha="left", color="#a33"))
+
+
 def draw(data: SweepData, fits: list[Fit], unique_tokens: float, folder: Path) -> list[Figure]:
     """Every figure as PNG and SVG under ``folder``; a figure without data says why."""
     points = data.points
@@ -334,28 +353,36 @@ def draw(data: SweepData, fits: list[Fit], unique_tokens: float, folder: Path) -
     envelope_fit = None if envelope is None or envelope.result is None else envelope.table.rename(
         columns={"parameter": "name"})
     moe = "no MoE runs with router statistics"
+    isoflop_failed = failures(fits, "isoflop")
+    sparsity_law, envelope_law, repetition_law = (named(fits, law) for law in ("sparsity", "envelope",
+                                                                                "data-constrained"))
+    profiles = ("; parabolas in log N per budget with 3+ sizes, their vertices marked"
+                + (" with the isoFLOP fit's interval (crosses: outside the sampled sizes)" if verts is not None
+                   else " (no interval: the isoFLOP fits failed)"))
     specs: list[tuple[str, str, Callable[[], Any], str]] = [
-        ("isoflop_params", "IsoFLOP profiles against active parameters: parabolas in log N per budget, vertices "
-         "with their interval (crosses: outside the sampled sizes).",
-         lambda: plots.isoflop_plot(points, verts), "no finished runs"),
+        ("isoflop_params", f"IsoFLOP profiles: final loss against active parameters per budget{profiles}.",
+         lambda: noted(plots.isoflop_plot(points, verts), isoflop_failed), "no finished runs"),
         ("isoflop_tokens", "The same profiles against training tokens D = C/(6N).",
-         lambda: plots.isoflop_plot(points, verts, x="tokens"), "no finished runs"),
+         lambda: noted(plots.isoflop_plot(points, verts, x="tokens"), isoflop_failed), "no finished runs"),
         ("frontier", "Compute-optimal N*(C) and D*(C): isoFLOP vertices with power-law lines (bands: lines refitted "
          "to vertices redrawn within their intervals) and the fitted exponents with bootstrap intervals.",
          lambda: plots.frontier_plot(verts, exponents(fits)), "no isoFLOP vertices (isoFLOP fits failed)"),
-        ("sparsity", "Best loss per budget against sparsity; lines: the sparsity-aware law at the compute-optimal "
-         "size for each S (C = 6ND); stars: its optimum S* per budget with the 95% bootstrap interval.",
-         lambda: plots.sparsity_plot(points, *sparsity_frames(named(fits, "sparsity"), points, unique_tokens)),
+        ("sparsity", "Best loss per budget against sparsity" + (
+            "; lines: the sparsity-aware law at the compute-optimal size for each S (C = 6ND); stars: its optimum "
+            "S* per budget with the 95% bootstrap interval." if fitted(sparsity_law) else
+            " (dotted: joining the runs; the sparsity-aware law was not fitted)."),
+         lambda: noted(plots.sparsity_plot(points, *sparsity_frames(sparsity_law, points, unique_tokens)),
+                       failures(fits, "sparsity")), "no finished runs"),
+        ("envelope", "Best loss per budget and sparsity" + (
+            " with the fitted envelope; m: compute a sparsity saves over dense for the same loss."
+            if envelope_fit is not None else " (the envelope law was not fitted)."),
+         lambda: noted(plots.envelope_plot(points, envelope_fit), failures(fits, "envelope")), "no finished runs"),
+        ("epochs", f"Loss against epochs over U = {plots.sci(unique_tokens)} unique tokens per model size" + (
+            "; dashed curves: the fitted repetition law (dense); dashed vertical line: where a repeated token is "
+            "worth half a new one (1 + R_D*·ln 2 epochs)." if fitted(repetition_law) else "."),
+         lambda: noted(plots.epochs_plot(points, repetition_frame(repetition_law, points, unique_tokens),
+                                         r_d_star(repetition_law)), failures(fits, "data-constrained")),
          "no finished runs"),
-        ("envelope", "Best loss per budget and sparsity with the fitted envelope; m: compute a sparsity saves "
-         "over dense for the same loss.",
-         lambda: plots.envelope_plot(points, envelope_fit), "no finished runs"),
-        ("epochs", f"Loss against epochs over U = {plots.sci(unique_tokens)} unique tokens per model size; "
-         "dashed curves: the fitted repetition law (dense); dashed vertical line: where a repeated token is worth "
-         "half a new one (1 + R_D*·ln 2 epochs).",
-         lambda: plots.epochs_plot(points, repetition_frame(named(fits, "data-constrained"), points,
-                                                            unique_tokens), r_d_star(named(fits, "data-constrained"))),
-         "no finished runs with a unique-token count (epochs)"),
         ("gap", "Final eval minus final train loss against epochs: how much repetition overfits, by sparsity.",
          lambda: plots.gap_plot(data.finals), "no finished runs with both a final train and eval loss and epochs"),
         ("curves", "Eval loss during training at the largest budget against tokens and against wall-clock time.",
@@ -526,7 +553,7 @@ def html_table(frame: pd.DataFrame, query: str | None = None, scroll: bool = Fal
 def figure_html(figure: Figure) -> str:
     if figure.missing:
         return (f'<figure id="{figure.name}"><p class="missing">Not drawn: {html.escape(figure.missing)}.</p>'
-                f"<figcaption>{html.escape(figure.caption)}</figcaption></figure>")
+                f"<figcaption>When drawn: {html.escape(figure.caption)}</figcaption></figure>")
     png = next(p for p in figure.paths if p.suffix == ".png")
     svg = next(p for p in figure.paths if p.suffix == ".svg")
     data = base64.b64encode(png.read_bytes()).decode()
@@ -596,6 +623,8 @@ def write_report(db: str | None, sweep: str, out: Path, bootstrap: int = 200) ->
     """Fit, draw and write the report of ``sweep`` under ``out``; returns ``out/index.html``."""
     out = Path(out)
     data = read_sweep(db, sweep, bootstrap)
+    if data.points.empty:
+        raise StoreError(f"sweep {sweep!r} has no finished runs to report on (`scaling status {sweep}` says why)")
     budgets = data.config.get("budgets") or sorted(data.points["budget"].unique())
     budget = float(max(budgets)) if len(budgets) else math.nan
     limit = data.config.get("unique_tokens") or data.points["unique_tokens"].max()
