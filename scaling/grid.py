@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
 
@@ -82,7 +83,7 @@ def target_sizes(budget: float, sweep: SweepConfig) -> np.ndarray:
 
 
 def plan(sweep: SweepConfig) -> Plan:
-    """Enumerate every (budget, sparsity, size, seed) point, derive D and epochs, drop impossible points."""
+    """Enumerate every (budget, sparsity, size, U, seed) point, derive D and epochs, drop impossible points."""
     rows, dropped = [], []
     batch_tokens = sweep.train.batch_size * sweep.context
     for budget in sweep.budgets:
@@ -99,12 +100,14 @@ def plan(sweep: SweepConfig) -> Plan:
                     dropped.append({**describe(budget, variant, cfg, target), "reason": DUPLICATE_SHAPE})
                     continue
                 shapes[cfg] = target
-            for cfg, target in shapes.items():
+            for (cfg, target), unique in itertools.product(shapes.items(), sweep.unique_token_values):
                 fpt = train_flops_per_token(cfg)
                 steps = round(budget / (fpt * batch_tokens))
                 tokens = steps * batch_tokens
-                epochs = tokens / sweep.unique_tokens
+                epochs = tokens / unique
                 point = {**describe(budget, variant, cfg, target), "steps": steps, "epochs": epochs}
+                if sweep.unique_token_levels:
+                    point["unique_tokens"] = unique
                 if steps and abs(fpt * tokens / budget - 1) > BUDGET_TOLERANCE:
                     dropped.append({**point, "reason": f"budget missed by more than {BUDGET_TOLERANCE:.0%} "
                                     "(too few steps to round to)"})
@@ -117,7 +120,7 @@ def plan(sweep: SweepConfig) -> Plan:
                     continue
                 train = with_lr(sweep.train, cfg.d_model, sweep.lr_ref_width)
                 for seed in seeds:
-                    spec = RunSpec(model=cfg, train=train, tokens=tokens, unique_tokens=sweep.unique_tokens,
+                    spec = RunSpec(model=cfg, train=train, tokens=tokens, unique_tokens=unique,
                                    seed=seed, corpus=sweep.corpus, tokenizer=sweep.tokenizer)
                     rows.append(row_for(spec, budget))
     runs = pd.DataFrame(rows, columns=COLUMNS)
