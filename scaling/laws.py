@@ -1450,6 +1450,7 @@ class Envelope(Law):
 
 LAWS: dict[str, type[Law]] = {"isoflop": IsoFLOP, "chinchilla": Chinchilla,
                               "data-constrained": DataConstrained, "sparsity": Sparsity, "envelope": Envelope}
+import scaling.sparsity_vertex  # noqa: E402, F401  (registers "sparsity-vertex"; it builds on this module)
 
 
 def fit_law(frame: pd.DataFrame, law: str, *, bootstrap: int = 0, budget: float | None = None,
