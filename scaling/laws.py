@@ -1018,6 +1018,7 @@ class Sparsity(_Parametric):
         super().__init__(frozen={**pinned, **(frozen or {})}, **options)
         self.auto_r_d_star = r_d_star == "auto" and "R_D_star" not in self.frozen
         self.total_params = total_params
+        self._warm: np.ndarray | None = None
 
     def fit(self, frame: pd.DataFrame) -> Sparsity:
         span = spans_epochs(frame) if self.auto_r_d_star else None
@@ -1025,6 +1026,7 @@ class Sparsity(_Parametric):
             self.frozen.pop("R_D_star", None)
             if span is None:
                 self.frozen["R_D_star"] = MUENNIGHOFF_R_D_STAR
+        self._warm = self._pinned_basins(frame) if "R_D_star" not in self.frozen else None
         super().fit(frame)
         if self.auto_r_d_star:
             self.notes_.append(f"R_D_star fitted from the runs (repeated runs span {span[0]:.3g}–{span[1]:.3g} "
@@ -1032,6 +1034,25 @@ class Sparsity(_Parametric):
                                "not span several epoch counts (fewer than 5 repeated runs, or epochs within 4x)")
         self.total_params_ = self.total_params or total_params_from_runs(frame)
         return self
+
+    def _pinned_basins(self, frame: pd.DataFrame) -> np.ndarray:
+        """Starts for a fit with R_D* free: the distinct basins of the fit with R_D* pinned at 15.388, each at
+        every R_D* of the start grid (a fifth of the full grid's starts, and the pinned fit's basins are where
+        the ten other parameters settle)."""
+        pinned = copy.copy(self)
+        pinned.frozen = {**self.frozen, "R_D_star": MUENNIGHOFF_R_D_STAR}
+        pinned._warm = None
+        data = pinned._data(frame, with_loss=True)
+        pinned._validate(data)
+        basins = solve(pinned._terms(data), data["y"], pinned._grid_starts(), pinned._free(),
+                       delta=self.huber_delta).candidates
+        log_r = np.asarray(self.grid["log_R_D_star"], float)
+        starts = np.repeat(basins, len(log_r), axis=0)
+        starts[:, -1] = np.tile(log_r, len(basins))
+        return starts
+
+    def _grid_starts(self, names: Sequence[str] | None = None) -> np.ndarray:
+        return self._warm if names is None and self._warm is not None else super()._grid_starts(names)
 
     def optimum(self, C: float, U: float | None = None, sparsities: Sequence[float] | None = None,
                 params: dict[str, float] | None = None,

@@ -320,3 +320,56 @@ class SparsityVertex(Law):
 
 
 LAWS["sparsity-vertex"] = SparsityVertex
+
+
+# ------------------------------------------------------------------------------------ the parametric cross-check
+
+
+def seed_noise(frame: pd.DataFrame) -> float | None:
+    """Pooled standard deviation of the loss between seeds of the same configuration (U, budget, sparsity,
+    active size); None without repeated seeds."""
+    cols = [c for c in ("unique_tokens", "budget", "sparsity", "active_params") if c in frame]
+    groups = frame.groupby(cols)["loss"]
+    dof = (groups.count() - 1).clip(lower=0)
+    if dof.sum() == 0:
+        return None
+    return float(math.sqrt((groups.var(ddof=1).fillna(0) * dof).sum() / dof.sum()))
+
+
+def law_checks(law: Law, vertex: SparsityVertex, frame: pd.DataFrame, level: float = 0.95) -> list[str]:
+    """Where the parametric sparsity law (``laws.Sparsity``, fitted) contradicts the runs it was fitted on: its
+    S* at the largest budget outside the nonparametric S* interval per U with the intervals disjoint, and best
+    runs of a (U, C, S) curve it misses by more than twice the measured seed noise."""
+    out = []
+    top = vertex._budgets[-1]
+    for U in vertex._levels:
+        name = key("S_star", U, top)
+        if name not in vertex.params_:
+            continue
+        s_law = law.optimum(top, U)["S_star"]
+        lo_law = hi_law = s_law
+        if law.bootstrap_ is not None:
+            draws = pd.DataFrame({"S": [law.optimum(top, U, params=row)["S_star"]
+                                        for row in law.bootstrap_.to_dict("records")]})
+            lo_law, hi_law = percentile_intervals(draws, level).get("S", (s_law, s_law))
+        lo, hi = vertex.ci_.get(name, (vertex.params_[name],) * 2)
+        if hi_law < lo - 1e-9 or lo_law > hi + 1e-9:
+            out.append(f"the sparsity law's S* = {s_law:.3g} ({lo_law:.3g}–{hi_law:.3g}) at U = {num(U)}, "
+                       f"C = {num(top)} disagrees with the isoFLOP vertices' S* = {vertex.params_[name]:.3g} "
+                       f"({lo:.3g}–{hi:.3g}): trust the vertices")
+    noise = seed_noise(frame)
+    if noise is None:
+        return [*out, "seed noise unmeasured (no configuration run at 2+ seeds): the law's misses of the best runs "
+                "were not checked"]
+    rows = frame.copy()
+    rows["budget"] = budget_groups(rows)
+    best = rows.loc[rows.groupby(["unique_tokens", "budget", "sparsity"])["loss"].idxmin()]
+    miss = law.predict(best) - best["loss"].to_numpy(float)
+    bad = best.assign(miss=miss)[np.abs(miss) > 2 * noise]
+    if len(bad):
+        worst = bad.loc[bad["miss"].abs().idxmax()]
+        out.append(f"the sparsity law misses the best run of {len(bad)} of {len(best)} (U, C, S) curves by more "
+                   f"than twice the seed noise ({2 * noise:.3g} nats), worst {worst['miss']:+.3g} at S = "
+                   f"{worst['sparsity']:g}, U = {num(worst['unique_tokens'])}, C = {num(worst['budget'])}: its S* "
+                   "is not the answer")
+    return out
