@@ -75,6 +75,26 @@ def curve_minima(par: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return np.where(inside, par["vertex"], end_n), np.where(inside, par["value"], end_l)
 
 
+def curve_resamples(n_resamples: int, runs: np.ndarray, curves: np.ndarray, log_n: np.ndarray,
+                    seed: int, tries: int = 200) -> np.ndarray:
+    """Bootstrap draw counts (n_resamples, rows) over runs within each curve (``scaling.bootstrap``), each curve's
+    draw repeated until it holds ``MIN_SIZES`` distinct sizes: the bootstrap conditional on a curve that has a
+    vertex (a curve of 5 sizes drawn with replacement has fewer 1 time in 10, and dropping such resamples would
+    drop most resamples of a sweep with dozens of curves)."""
+    rng = np.random.default_rng(seed)
+    W = resample_weights(n_resamples, runs, rng, strata=curves)
+    for g in np.unique(curves):
+        idx = np.flatnonzero(curves == g)
+        _, size_of = np.unique(log_n[idx], return_inverse=True)
+        onehot = np.eye(size_of.max() + 1)[size_of]
+        for _ in range(tries):
+            bad = ((W[:, idx] > 0) @ onehot > 0).sum(axis=1) < MIN_SIZES
+            if not bad.any():
+                break
+            W[np.ix_(bad, idx)] = resample_weights(int(bad.sum()), runs[idx], rng)
+    return W
+
+
 class SparsityVertex(Law):
     """Nonparametric optimal sparsity under plenty and scarce data (see the module docstring).
 
@@ -105,7 +125,7 @@ class SparsityVertex(Law):
         R = max(self.bootstrap, 0)
         W = np.ones((1, data["n"]))
         if R:
-            W = np.vstack([W, resample_weights(R, data["runs"], self.seed, strata=data["cell"])])
+            W = np.vstack([W, curve_resamples(R, data["runs"], data["cell"], data["log_n"], self.seed)])
         par = _parabolas(data["log_n"], data["loss"], data["cell"], len(data["cells"]), W)
         log_n, loss = curve_minima(par)
         coef, v = par["coef"][0, data["cell"]], data["log_n"] - par["center"][data["cell"]]
@@ -117,11 +137,8 @@ class SparsityVertex(Law):
             draws = samples.iloc[1:].reset_index(drop=True)
             self.bootstrap_ = draws
             self.ci_ = percentile_intervals(draws, self.level)
-            failed = (~np.isfinite(draws.to_numpy(float))).any(axis=0).sum()
             self.notes_.append(f"intervals: {self.level:.0%} bootstrap percentile over runs ({R} resamples, runs "
-                               "drawn within each (U, C, S) curve)"
-                               + (f"; {failed} quantities lack some resamples (fewer than 3 sizes drawn)"
-                                  if failed else ""))
+                               f"drawn within each (U, C, S) curve, redrawn until it has {MIN_SIZES} sizes)")
         else:
             self.notes_.append("no intervals without bootstrap: no verdict")
         self.vertices_, self.s_star_ = self._tables(data, par)
@@ -169,7 +186,7 @@ class SparsityVertex(Law):
         if len(few):
             r = few.iloc[0]
             raise FitError(f"{self.name}: the curve at S = {r.S:g}, U = {num(r.U)}, C = {num(r.C)} has "
-                           f"{r.sizes} distinct active size(s); an isoFLOP vertex needs {MIN_SIZES} or more "
+                           f"{int(r.sizes)} distinct active size(s); an isoFLOP vertex needs {MIN_SIZES} or more "
                            f"({len(few)} curve(s) short: add sizes or drop those runs)")
         runs = (frame["run_id"].astype(str).to_numpy(object) if "run_id" in frame
                 else np.array([f"row {i}" for i in range(len(frame))], dtype=object))

@@ -144,7 +144,7 @@ def test_demo_fingerprint_changes_only_with_the_runs(tmp_path):
 def test_plenty_and_scarce_sweep_answers_with_the_vertices(tmp_path):
     """A sweep with two unique-token limits: the answer comes from the isoFLOP vertices, with its verdict, both
     regime figures are drawn and the one-U fits use the plenty runs."""
-    raw = {**SWEEP, "name": "regimes", "unique_tokens": [20_000, 5_000_000], "budgets": [1e11, 3e11],
+    raw = {**SWEEP, "name": "regimes", "unique_tokens": [60_000, 5_000_000], "budgets": [1e11, 3e11], "max_epochs": 500,
            "sparsity": {"experts": [1, 2, 4]}, "sizes": {"count": 4, "span": 12}, "repeat": {}}
     db = build_store(tmp_path, raw, failed=0)
     index = report.write_report(str(db), "regimes", tmp_path / "out", bootstrap=20)
