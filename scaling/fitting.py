@@ -9,7 +9,8 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from scaling.laws import FitError, fit_law
+from scaling.laws import LAWS, FitError, fit_law, summarize
+from scaling.sparsity_vertex import SparsityVertex, law_checks
 from scaling.store import connect, literal, save_fit
 
 ONE_SPARSITY = ("isoflop", "chinchilla", "data-constrained")  # the laws that know nothing of sparsity
@@ -78,7 +79,23 @@ def fit_frame(csv_path: str | Path, law: str, columns: dict[str, str] | None = N
             raise FitError(f"{csv_path} has no rows at sparsity {sparsity:g} "
                            f"(it has {levels(frame['sparsity'])})")
         frame = kept
-    return fit_law(one_sparsity(frame, law, csv_path), law, **options)
+    return fit_checked(one_sparsity(frame, law, csv_path), law, **options)
+
+
+def fit_checked(frame: pd.DataFrame, law: str, **options: Any) -> dict[str, Any]:
+    """``fit_law``; for the sparsity law on runs at 2+ unique-token limits, plus its cross-check against the
+    isoFLOP vertices (``sparsity_vertex.law_checks``) in the notes."""
+    if law != "sparsity" or "unique_tokens" not in frame or frame["unique_tokens"].nunique() < 2:
+        return fit_law(frame, law, **options)
+    budget, unique = options.pop("budget", None), options.pop("unique_tokens", None)
+    model = LAWS[law](**options).fit(frame)
+    result = summarize(model, law, budget, unique)
+    try:
+        vertex = SparsityVertex(**{k: options[k] for k in ("bootstrap", "seed", "level") if k in options}).fit(frame)
+        result["notes"] += law_checks(model, vertex, frame)
+    except FitError as e:
+        result["notes"].append(f"not cross-checked against the isoFLOP vertices: {e}")
+    return result
 
 
 def levels(sparsity: pd.Series) -> str:
@@ -129,7 +146,7 @@ def fit_sweep(db: str | None, sweep: str, law: str, where: str | None = None, sp
               **options: Any) -> dict[str, Any]:
     """Fit a law to a sweep's finished runs (optionally selected) and save it in the ``fits`` table."""
     frame = one_sparsity(sweep_points(db, sweep, where, sparsity), law, f"sweep {sweep!r}")
-    result = fit_law(frame, law, **options)
+    result = fit_checked(frame, law, **options)
     con = connect(db)
     try:
         save_fit(con, sweep, result, selection=points_sql(where, sparsity, literal(sweep)))

@@ -1,9 +1,12 @@
 """The nonparametric sparsity answer on isoFLOP runs of a known finite-data law (tests/synthetic.py)."""
 
+import json
+
 import numpy as np
 import pytest
 from synthetic import finite_data_sweep, true_s_star, true_vertex
 
+from scaling.fitting import fit_checked
 from scaling.laws import FitError, fit_law
 from scaling.sparsity_vertex import SparsityVertex, key, refined_argmin
 
@@ -66,3 +69,32 @@ def test_refined_argmin_recovers_a_parabola_vertex_and_clips_at_the_edges():
 def test_bad_input_is_one_clear_error(change, message):
     with pytest.raises(FitError, match=message):
         SparsityVertex(bootstrap=10).fit(change(finite_data_sweep(INTERIOR)))
+
+
+def test_cli_fits_a_csv_and_prints_the_verdict(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    csv = tmp_path / "runs.csv"
+    finite_data_sweep(INTERIOR).to_csv(csv, index=False)
+    scaling = str(Path(sys.executable).parent / "scaling")
+    done = subprocess.run([scaling, "fit", "--csv", str(csv), "--law", "sparsity-vertex", "--bootstrap", "100",
+                           "--budget", "1e12", "--format", "json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["notes"][-1].startswith("interior optimum under scarce data")
+    one_u = tmp_path / "one.csv"
+    finite_data_sweep(INTERIOR, unique=(1e5,)).to_csv(one_u, index=False)
+    bad = subprocess.run([scaling, "fit", "--csv", str(one_u), "--law", "sparsity-vertex"], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "2 or more unique-token limits" in bad.stderr
+
+
+def test_sparsity_law_is_cross_checked_against_the_vertices():
+    """The truth's repetition half-life shrinks with sparsity, which Abnar et al.'s law (one R_D*) cannot
+    express: the check must say where it misses the runs, and the law must have fitted R_D* (several epochs)."""
+    result = fit_checked(finite_data_sweep(INTERIOR), "sparsity", bootstrap=0)
+    assert any(note.startswith("R_D_star fitted from the runs") for note in result["notes"])
+    assert any("misses the best run of" in note or "disagrees with the isoFLOP vertices" in note
+               for note in result["notes"])
