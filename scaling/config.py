@@ -140,9 +140,15 @@ class RunSpec:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def canonical(self) -> dict[str, Any]:
+        """The form ``run_id`` hashes: every field of spec version 1, plus a later field only where it differs from
+        its default, plus ``spec_version`` only above 1. So adding an option with a default keeps every stored id,
+        and a change of what an existing field means bumps ``SPEC_VERSION`` (new ids, by design)."""
+        return canonical_spec(self)
+
     @property
     def run_id(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     @classmethod
@@ -151,6 +157,33 @@ class RunSpec:
         model = build(ModelConfig, d.pop("model", {}), "model")
         train = build(TrainConfig, d.pop("train", {}), "train")
         return build(cls, {**d, "model": model, "train": train}, "run")
+
+
+# The spec's fields when ids were first hashed (spec version 1). These are always part of the hash; a field added
+# since is hashed only when it differs from its default. Never add a name here: that would change stored ids.
+SPEC_VERSION = 1
+V1_FIELDS = {
+    "run": {"model", "train", "tokens", "unique_tokens", "seed", "corpus", "tokenizer"},
+    "model": {"vocab_size", "context", "d_model", "n_layers", "n_heads", "d_ff", "n_experts", "top_k", "granularity",
+              "moe_every", "shared_experts", "share_weights", "positional", "tie_embeddings", "router_noise",
+              "capacity_factor", "aux_loss_coef", "z_loss_coef"},
+    "train": {"lr", "min_lr_frac", "warmup_frac", "schedule", "decay_frac", "batch_size", "weight_decay", "beta1",
+              "beta2", "grad_clip", "eval_tokens", "token_loss_tokens", "checkpoints_per_octave",
+              "first_checkpoint_step", "log_every", "save_every", "threads"},
+}
+
+
+def canonical_spec(spec: RunSpec) -> dict[str, Any]:
+    """``spec.to_dict()`` without the fields added after spec version 1 that sit at their defaults."""
+
+    def trim(obj: Any, section: str) -> dict[str, Any]:
+        return {f.name: getattr(obj, f.name) for f in fields(obj)
+                if f.name in V1_FIELDS[section] or getattr(obj, f.name) != f.default}
+
+    out = {**trim(spec, "run"), "model": trim(spec.model, "model"), "train": trim(spec.train, "train")}
+    if SPEC_VERSION > 1:
+        out["spec_version"] = SPEC_VERSION
+    return out
 
 
 def suggest(key: str, known: list[str]) -> str:
