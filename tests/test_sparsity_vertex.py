@@ -98,3 +98,17 @@ def test_sparsity_law_is_cross_checked_against_the_vertices():
     assert any(note.startswith("R_D_star fitted from the runs") for note in result["notes"])
     assert any("misses the best run of" in note or "disagrees with the isoFLOP vertices" in note
                for note in result["notes"])
+
+
+def test_regime_figures_draw_from_the_fit_and_skip_without_it(tmp_path):
+    from scaling import plots
+
+    frame = finite_data_sweep(INTERIOR)
+    model = SparsityVertex(bootstrap=30).fit(frame)
+    for name, plot in (("isoflop", plots.regime_isoflop_plot(frame, model.vertices_)),
+                       ("sparsity", plots.vertex_sparsity_plot(model.vertices_, model.s_star_))):
+        png = next(p for p in plots.save(plot, tmp_path / name) if p.suffix == ".png")
+        assert png.stat().st_size > 10_000
+    assert plots.regime_isoflop_plot(frame, None) is None and plots.vertex_sparsity_plot(None, None) is None
+    one_regime = model.vertices_[model.vertices_["regime"] == "plenty"]
+    assert plots.regime_isoflop_plot(frame, one_regime) is None
