@@ -165,7 +165,8 @@ def summarize(dropped: list[dict] | pd.DataFrame) -> str:
 
 
 def quick(sweep: SweepConfig, budgets: int = 2, variants: int = 2, sizes: int = 3) -> SweepConfig:
-    """A reduced copy of a sweep (smallest budgets, dense + the sparsest variants, fewer sizes) for smoke tests."""
+    """A reduced copy of a sweep (smallest budgets, dense + the sparsest variants, fewer sizes; every U) for smoke
+    tests."""
     keep = (sweep.variants[:1] + sweep.variants[1:][-(variants - 1):]) if variants > 1 else sweep.variants[:1]
     return replace(sweep, name=f"{sweep.name}-quick", budgets=sweep.budgets[:budgets], variants=keep,
                    sizes=replace(sweep.sizes, count=min(sizes, sweep.sizes.count)), repeat_seeds=(),
