@@ -164,10 +164,12 @@ def summarize(dropped: list[dict] | pd.DataFrame) -> str:
     return ", ".join(f"{n} × {r}" for r, n in reasons.value_counts().items()) or "none"
 
 
-def quick(sweep: SweepConfig, budgets: int = 2, variants: int = 2, sizes: int = 3) -> SweepConfig:
-    """A reduced copy of a sweep (smallest budgets, dense + the sparsest variants, fewer sizes; every U) for smoke
-    tests."""
+def quick(sweep: SweepConfig, budgets: int = 2, variants: int = 2, sizes: int = 3,
+          span: float | None = None) -> SweepConfig:
+    """A reduced copy of a sweep (smallest budgets, dense + the sparsest variants, fewer sizes, over at most
+    ``span`` when given; every U) for smoke tests."""
     keep = (sweep.variants[:1] + sweep.variants[1:][-(variants - 1):]) if variants > 1 else sweep.variants[:1]
     return replace(sweep, name=f"{sweep.name}-quick", budgets=sweep.budgets[:budgets], variants=keep,
-                   sizes=replace(sweep.sizes, count=min(sizes, sweep.sizes.count)), repeat_seeds=(),
+                   sizes=replace(sweep.sizes, count=min(sizes, sweep.sizes.count),
+                                 span=min(span or sweep.sizes.span, sweep.sizes.span)), repeat_seeds=(),
                    repeat_budgets=())

@@ -182,6 +182,7 @@ class SparsityVertex(Law):
         cells = cells.to_frame(index=False, name=["U", "C", "S"])
         log_n = np.log10(cols["active_params"])
         cells["sizes"] = [len(np.unique(log_n[code == g])) for g in range(len(cells))]
+        cells["runs"] = np.bincount(code, minlength=len(cells))
         few = cells[cells["sizes"] < MIN_SIZES]
         if len(few):
             r = few.iloc[0]
@@ -240,7 +241,7 @@ class SparsityVertex(Law):
         plenty, scarce = data["levels"][-1], data["levels"][0]
         for g, c in data["cells"].iterrows():
             n_key, l_key = key("N_star", c.U, c.C, c.S), key("L_star", c.U, c.C, c.S)
-            rows.append({"unique_tokens": c.U, "budget": c.C, "sparsity": c.S, "sizes": c.sizes,
+            rows.append({"unique_tokens": c.U, "budget": c.C, "sparsity": c.S, "sizes": c.sizes, "runs": c.runs,
                          "regime": "plenty" if c.U == plenty else "scarce" if c.U == scarce else "between",
                          "n_star": self.params_.get(n_key, np.nan), "n_lo": self._interval(n_key)[0],
                          "n_hi": self._interval(n_key)[1], "loss_star": self.params_.get(l_key, np.nan),
@@ -305,6 +306,11 @@ class SparsityVertex(Law):
                     f"runs at every sparsity under both U at C = {num(top)})")
         value, (lo, hi) = self.params_[name], self.ci_[name]
         diff = f"S*_scarce − S*_plenty = {value:.3g} ({self.level:.0%} CI {lo:.3g}–{hi:.3g}) at C = {num(top)}"
+        bare = self.vertices_[(self.vertices_["budget"] == top) & (self.vertices_["runs"] <= MIN_SIZES)]
+        if len(bare):  # 3 runs on 3 sizes: every resample is the same curve, the interval has no spread to show
+            return (f"not resolved by these runs: add runs at C = {num(top)} (a second seed, or more sizes) for "
+                    f"the {len(bare)} curve(s) with only {MIN_SIZES} runs, whose vertices the bootstrap cannot "
+                    f"vary; {diff}")
         s_min, s_max = data["sparsities"].min(), data["sparsities"].max()
         scarce = self.params_.get(key("S_star", data["levels"][0], top), math.nan)
         if hi < 0 and s_min < scarce < s_max:

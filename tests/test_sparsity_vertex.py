@@ -112,3 +112,11 @@ def test_regime_figures_draw_from_the_fit_and_skip_without_it(tmp_path):
     assert plots.regime_isoflop_plot(frame, None) is None and plots.vertex_sparsity_plot(None, None) is None
     one_regime = model.vertices_[model.vertices_["regime"] == "plenty"]
     assert plots.regime_isoflop_plot(frame, one_regime) is None
+
+
+def test_curves_of_three_runs_get_no_verdict():
+    """3 runs on 3 sizes: every bootstrap resample is the same curve, so no interval can back a verdict."""
+    frame = finite_data_sweep(INTERIOR, sizes=3)
+    frame = frame[frame["seed"] == 0]
+    model = SparsityVertex(bootstrap=50).fit(frame)
+    assert model.verdict_.startswith("not resolved by these runs: add runs at C = 1e12 (a second seed")
