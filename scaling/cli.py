@@ -227,8 +227,8 @@ def frozen_options(law: str, pairs: tuple[str, ...]) -> dict:
                                      param_hint="--freeze") from None
     if not values:
         return {}
-    if law == "isoflop":
-        raise click.BadParameter("the isoflop law has no parameters to freeze", param_hint="--freeze")
+    if law in ("isoflop", "sparsity-vertex"):
+        raise click.BadParameter(f"the {law} law has no parameters to freeze", param_hint="--freeze")
     if law == "envelope":
         if set(values) != {"L_inf"}:
             raise click.BadParameter("the envelope law can pin L_inf only", param_hint="--freeze")
@@ -239,9 +239,11 @@ def frozen_options(law: str, pairs: tuple[str, ...]) -> dict:
 @cli.command()
 @click.argument("sweep", required=False)
 @click.option("--law", type=click.Choice(["isoflop", "chinchilla", "data-constrained", "sparsity", "envelope",
-                                          "approach1"]), required=True,
+                                          "approach1", "sparsity-vertex"]), required=True,
               help="approach1 (Chinchilla's first method) fits training curves: the sweep's stored curves, or a "
-                   "--csv of curve points (run_id, params, tokens, loss[, flops])")
+                   "--csv of curve points (run_id, params, tokens, loss[, flops]); sparsity-vertex: the optimal "
+                   "sparsity under plenty and scarce data from isoFLOP vertices (needs runs at 2+ unique-token "
+                   "limits)")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
               help="fit an external CSV (columns params, active_params, tokens, unique_tokens, sparsity, flops, loss)")
 @click.option("--column", "columns", multiple=True, metavar="OURS=THEIRS",

@@ -9,7 +9,8 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from scaling.laws import FitError, fit_law
+from scaling.laws import LAWS, FitError, fit_law, summarize
+from scaling.sparsity_vertex import SparsityVertex, law_checks
 from scaling.sqlquery import QueryError, read_only_statement
 from scaling.store import connect, literal, save_fit
 
@@ -109,7 +110,7 @@ def fit_frame(csv_path: str | Path, law: str, columns: dict[str, str] | None = N
               sparsity: float | None = None, **options: Any) -> dict[str, Any]:
     """Fit a law to an external CSV with the shared column convention (see ``csv_points``)."""
     points = csv_points(csv_path, law, columns, where, sparsity)
-    result = fit_law(points, law, **options)
+    result = fit_checked(points, law, **options)
     if points.attrs.get("duplicates"):  # a copied row would count twice, and the bootstrap overstate certainty
         result["notes"] = [*result.get("notes", []), f"{points.attrs['duplicates']} duplicate rows of {csv_path} "
                            "(every column equal to an earlier row's) were dropped: each point is fitted once"]
@@ -127,6 +128,22 @@ def numeric(frame: pd.DataFrame, source: str | Path) -> pd.DataFrame:
         raise FitError(f"{source}: column {column!r} must hold numbers, but row {row + 1} has "
                        f"{frame[column].iloc[row]!r} (write numbers without thousands separators)")
     return frame
+
+
+def fit_checked(frame: pd.DataFrame, law: str, **options: Any) -> dict[str, Any]:
+    """``fit_law``; for the sparsity law on runs at 2+ unique-token limits, plus its cross-check against the
+    isoFLOP vertices (``sparsity_vertex.law_checks``) in the notes."""
+    if law != "sparsity" or "unique_tokens" not in frame or frame["unique_tokens"].nunique() < 2:
+        return fit_law(frame, law, **options)
+    budget, unique = options.pop("budget", None), options.pop("unique_tokens", None)
+    model = LAWS[law](**options).fit(frame)
+    result = summarize(model, law, budget, unique)
+    try:
+        vertex = SparsityVertex(**{k: options[k] for k in ("bootstrap", "seed", "level") if k in options}).fit(frame)
+        result["notes"] += law_checks(model, vertex, frame)
+    except FitError as e:
+        result["notes"].append(f"not cross-checked against the isoFLOP vertices: {e}")
+    return result
 
 
 def levels(sparsity: pd.Series) -> str:
@@ -177,7 +194,7 @@ def fit_sweep(db: str | None, sweep: str, law: str, where: str | None = None, sp
               **options: Any) -> dict[str, Any]:
     """Fit a law to a sweep's finished runs (optionally selected) and save it in the ``fits`` table."""
     frame = one_sparsity(sweep_points(db, sweep, where, sparsity), law, f"sweep {sweep!r}")
-    result = fit_law(frame, law, **options)
+    result = fit_checked(frame, law, **options)
     result["options"] = {k: options[k] for k in ("frozen", "l_inf") if k in options}  # to refit it (predict)
     con = connect(db)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
 
@@ -114,7 +115,7 @@ def bounded_sizes(sweep: SweepConfig) -> None:
 
 
 def plan(sweep: SweepConfig) -> Plan:
-    """Enumerate every (budget, sparsity, size, seed) point, derive D and epochs, drop impossible points."""
+    """Enumerate every (budget, sparsity, size, U, seed) point, derive D and epochs, drop impossible points."""
     bounded_sizes(sweep)
     rows, dropped = [], []
     batch_tokens = sweep.train.batch_size * sweep.context
@@ -128,12 +129,14 @@ def plan(sweep: SweepConfig) -> Plan:
                     dropped.append({**describe(budget, variant, cfg, target), "reason": DUPLICATE_SHAPE})
                     continue
                 shapes[cfg] = target
-            for cfg, target in shapes.items():
+            for (cfg, target), unique in itertools.product(shapes.items(), sweep.unique_token_values):
                 fpt = train_flops_per_token(cfg)
                 steps = round(budget / (fpt * batch_tokens))
                 tokens = steps * batch_tokens
-                epochs = tokens / sweep.unique_tokens
+                epochs = tokens / unique
                 point = {**describe(budget, variant, cfg, target), "steps": steps, "epochs": epochs}
+                if sweep.unique_token_levels:
+                    point["unique_tokens"] = unique
                 if steps and abs(fpt * tokens / budget - 1) > BUDGET_TOLERANCE:
                     dropped.append({**point, "reason": f"budget missed by more than {BUDGET_TOLERANCE:.0%} "
                                     "(too few steps to round to)"})
@@ -146,7 +149,7 @@ def plan(sweep: SweepConfig) -> Plan:
                     continue
                 train = with_lr(sweep.train, cfg.d_model, sweep.lr_ref_width)
                 for seed in seeds:
-                    spec = RunSpec(model=cfg, train=train, tokens=tokens, unique_tokens=sweep.unique_tokens,
+                    spec = RunSpec(model=cfg, train=train, tokens=tokens, unique_tokens=unique,
                                    seed=seed, corpus=sweep.corpus, tokenizer=sweep.tokenizer)
                     rows.append(row_for(spec, budget))
     runs = pd.DataFrame(rows, columns=COLUMNS)
@@ -190,9 +193,12 @@ def summarize(dropped: list[dict] | pd.DataFrame) -> str:
     return ", ".join(f"{n} × {r}" for r, n in reasons.value_counts().items()) or "none"
 
 
-def quick(sweep: SweepConfig, budgets: int = 2, variants: int = 2, sizes: int = 3) -> SweepConfig:
-    """A reduced copy of a sweep (smallest budgets, dense + the sparsest variants, fewer sizes) for smoke tests."""
+def quick(sweep: SweepConfig, budgets: int = 2, variants: int = 2, sizes: int = 3,
+          span: float | None = None) -> SweepConfig:
+    """A reduced copy of a sweep (smallest budgets, dense + the sparsest variants, fewer sizes, over at most
+    ``span`` when given; every U) for smoke tests."""
     keep = (sweep.variants[:1] + sweep.variants[1:][-(variants - 1):]) if variants > 1 else sweep.variants[:1]
     return replace(sweep, name=f"{sweep.name}-quick", budgets=sweep.budgets[:budgets], variants=keep,
-                   sizes=replace(sweep.sizes, count=min(sizes, sweep.sizes.count)), repeat_seeds=(),
+                   sizes=replace(sweep.sizes, count=min(sizes, sweep.sizes.count),
+                                 span=min(span or sweep.sizes.span, sweep.sizes.span)), repeat_seeds=(),
                    repeat_budgets=())

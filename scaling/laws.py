@@ -40,7 +40,7 @@ HOFFMANN_GRID = {"a": np.arange(0, 30, 5.0), "b": np.arange(0, 30, 5.0), "e": np
 R_STAR_GRID = (1.0, 5.0, 15.0, 50.0, 200.0)
 R_STAR_BOUNDS = (0.01, 1e4)
 MUENNIGHOFF_R_D_STAR = 15.388
-"""R_D* of Muennighoff et al. (2023), fitted on their 182 C4 runs: ``Sparsity``'s default."""
+"""R_D* of Muennighoff et al. (2023), fitted on their 182 C4 runs: where ``Sparsity`` pins it."""
 SPARSITY_GRID = {"log_e": (-0.5, 0.5), "log_a": (5.0, 15.0), "alpha": (0.3, 0.8), "log_b": (5.0, 15.0),
                  "beta": (0.3, 0.8), "log_c": (-5.0, 0.0), "lambda": (-0.5, 0.5), "log_d": (5.0, 15.0),
                  "delta": (0.0, 1.0), "gamma": (0.3, 0.8)}
@@ -983,14 +983,29 @@ def total_params_from_runs(points: pd.DataFrame) -> Callable[[np.ndarray, np.nda
     return total
 
 
+def spans_epochs(frame: pd.DataFrame, runs: int = 5, factor: float = 4.0) -> tuple[float, float] | None:
+    """The (fewest, most) epochs of the repeated runs (epochs = tokens/unique_tokens > 1) when at least ``runs``
+    repeat data and their epochs span ``factor`` or more: enough to measure a repetition penalty; else None."""
+    if not {"tokens", "unique_tokens"} <= set(frame):
+        return None
+    epochs = (pd.to_numeric(frame["tokens"], errors="coerce")
+              / pd.to_numeric(frame["unique_tokens"], errors="coerce")).to_numpy(float)
+    repeated = epochs[np.isfinite(epochs) & (epochs > 1)]
+    if len(repeated) < runs or repeated.max() < factor * max(repeated.min(), 1.0):
+        return None
+    return float(repeated.min()), float(repeated.max())
+
+
 class Sparsity(_Parametric):
     """Sparsity-aware law of Abnar et al. (2025), their Eq. 6:
     L(N, D, S) = e + a/N^α + b/D^β + c/(1−S)^λ + d/((1−S)^δ·N^γ), N = total params, S = sparsity.
 
     With ``unique_tokens`` (finite), D is the effective data D′ of Muennighoff et al. (2023); rows with a
-    missing or infinite U repeat nothing. R_D* is frozen at their 15.388 by default, because the repetition
-    penalty is weakly identified even on their 182 runs and a sweep fitting ten other parameters cannot pin it
-    down; ``r_d_star=None`` fits it (start grid ``grid["log_R_D_star"]``). ``total_params(n_active, s)`` maps
+    missing or infinite U repeat nothing. R_D* (``r_d_star``): "auto" (default) fits it when the runs span
+    several epoch counts (``spans_epochs``: the repetition penalty is then measured, not assumed) and otherwise
+    pins it at their 15.388, because it is weakly identified even on their 182 runs; a number pins it there
+    (as does ``frozen={"R_D_star": …}``), None always fits it (start grid ``grid["log_R_D_star"]``); the notes
+    say which. ``total_params(n_active, s)`` maps
     active to total params in ``optimum``; by default it is learnt from the fitted runs' own params and
     active_params (``total_params_from_runs``), which is Abnar et al.'s N_active/(1 − S) when every parameter
     is in a routed expert.
@@ -1003,17 +1018,48 @@ class Sparsity(_Parametric):
             ("delta", "delta", False), ("gamma", "gamma", False), ("log_R_D_star", "R_D_star", True))
     default_grid = {**SPARSITY_GRID, "log_R_D_star": np.log(R_STAR_GRID)}
 
-    def __init__(self, *, r_d_star: float | None = MUENNIGHOFF_R_D_STAR,
+    def __init__(self, *, r_d_star: float | str | None = "auto",
                  frozen: dict[str, float] | None = None,
                  total_params: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, **options: Any):
-        pinned = {} if r_d_star is None else {"R_D_star": r_d_star}
+        pinned = {} if r_d_star is None or r_d_star == "auto" else {"R_D_star": float(r_d_star)}
         super().__init__(frozen={**pinned, **(frozen or {})}, **options)
+        self.auto_r_d_star = r_d_star == "auto" and "R_D_star" not in self.frozen
         self.total_params = total_params
+        self._warm: np.ndarray | None = None
 
     def fit(self, frame: pd.DataFrame) -> Sparsity:
+        span = spans_epochs(frame) if self.auto_r_d_star else None
+        if self.auto_r_d_star:
+            self.frozen.pop("R_D_star", None)
+            if span is None:
+                self.frozen["R_D_star"] = MUENNIGHOFF_R_D_STAR
+        self._warm = self._pinned_basins(frame) if "R_D_star" not in self.frozen else None
         super().fit(frame)
+        if self.auto_r_d_star:
+            self.notes_.append(f"R_D_star fitted from the runs (repeated runs span {span[0]:.3g}–{span[1]:.3g} "
+                               "epochs)" if span else "R_D_star pinned at Muennighoff et al.'s 15.388: the runs do "
+                               "not span several epoch counts (fewer than 5 repeated runs, or epochs within 4x)")
         self.total_params_ = self.total_params or total_params_from_runs(frame)
         return self
+
+    def _pinned_basins(self, frame: pd.DataFrame) -> np.ndarray:
+        """Starts for a fit with R_D* free: the distinct basins of the fit with R_D* pinned at 15.388, each at
+        every R_D* of the start grid (a fifth of the full grid's starts, and the pinned fit's basins are where
+        the ten other parameters settle)."""
+        pinned = copy.copy(self)
+        pinned.frozen = {**self.frozen, "R_D_star": MUENNIGHOFF_R_D_STAR}
+        pinned._warm = None
+        data = pinned._data(frame, with_loss=True)
+        pinned._validate(data)
+        basins = solve(pinned._terms(data), data["y"], pinned._grid_starts(), pinned._free(),
+                       delta=self.huber_delta).candidates
+        log_r = np.asarray(self.grid["log_R_D_star"], float)
+        starts = np.repeat(basins, len(log_r), axis=0)
+        starts[:, -1] = np.tile(log_r, len(basins))
+        return starts
+
+    def _grid_starts(self, names: Sequence[str] | None = None) -> np.ndarray:
+        return self._warm if names is None and self._warm is not None else super()._grid_starts(names)
 
     def optimum(self, C: float, U: float | None = None, sparsities: Sequence[float] | None = None,
                 params: dict[str, float] | None = None,
@@ -1463,6 +1509,7 @@ class Envelope(Law):
 
 LAWS: dict[str, type[Law]] = {"isoflop": IsoFLOP, "chinchilla": Chinchilla,
                               "data-constrained": DataConstrained, "sparsity": Sparsity, "envelope": Envelope}
+import scaling.sparsity_vertex  # noqa: E402, F401  (registers "sparsity-vertex"; it builds on this module)
 
 
 def fit_law(frame: pd.DataFrame, law: str, *, bootstrap: int = 0, budget: float | None = None,

@@ -188,3 +188,24 @@ def test_smoke_sweep_report_has_labelled_axes(tmp_path):
                               "--runs-dir", str(runs)], capture_output=True, text=True, timeout=1500)
     assert trained.returncode == 0, trained.stderr
     assert_figures_have_axes(report.write_report(str(db), "smoke", tmp_path / "out", bootstrap=0))
+
+
+@pytest.mark.slow
+def test_plenty_and_scarce_sweep_answers_with_the_vertices(tmp_path):
+    """A sweep with two unique-token limits: the answer comes from the isoFLOP vertices, with its verdict, both
+    regime figures are drawn and the one-U fits use the plenty runs."""
+    raw = {**SWEEP, "name": "regimes", "unique_tokens": [60_000, 5_000_000], "budgets": [1e11, 3e11], "max_epochs": 500,
+           "sparsity": {"experts": [1, 2, 4]}, "sizes": {"count": 4, "span": 12}, "repeat": {}}
+    db = build_store(tmp_path, raw, failed=0)
+    index = report.write_report(str(db), "regimes", tmp_path / "out", bootstrap=20)
+    result = json.loads((tmp_path / "out" / "answer.json").read_text())
+    assert result["sentence"].startswith("At C = 3e11 FLOPs (isoFLOP vertices): S* = ")
+    assert "Verdict: " in result["sentence"] and result["verdict"] in result["sentence"]
+    assert {"S_star_plenty", "S_star_scarce", "S_star_difference_ci"} <= set(result)
+    for name in ("regimes_isoflop", "regimes_sparsity"):
+        assert (tmp_path / "out" / "figures" / f"{name}.png").stat().st_size > 10_000
+    page = index.read_text()
+    assert "isoFLOP (Chinchilla approach 2), dense, U = 5e6 (plenty)" in page
+    with duckdb.connect(str(db), read_only=True) as con:
+        laws_saved = {law for (law,) in con.execute("SELECT DISTINCT law FROM fit_params").fetchall()}
+    assert "sparsity-vertex" in laws_saved
