@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -10,15 +11,17 @@ import traceback
 from pathlib import Path
 
 import click
-import duckdb
 
-from scaling.config import ConfigError, load_sweep
+from scaling.config import ConfigError, RunSpec, SweepConfig, load_sweep
 from scaling.output import FORMATS, emit, emit_json, err
 
 FORMAT = click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
                       help="table for people; csv or json for scripts")
 DB = click.option("--db", type=click.Path(dir_okay=False), default=None,
                   help="DuckDB results file [default: $SCALING_DB or ./scaling.duckdb]")
+MAX_RUNS = click.option("--max-runs", type=click.IntRange(min=1), default=10_000, show_default=True,
+                        help="refuse a sweep that can plan more runs than this (a typo can ask for millions)")
+FORCE = click.option("--force", is_flag=True, help="plan however many runs the sweep asks for (no --max-runs cap)")
 RUNS_DIR = click.option("--runs-dir", type=click.Path(file_okay=False), default=None,
                         help="where run files go [default: $SCALING_RUNS or ./runs]")
 
@@ -31,14 +34,15 @@ def runs_root(path: str | None) -> Path:
     return Path(path or os.environ.get("SCALING_RUNS") or "runs").absolute()
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that are the user's input, printed as one line."""
-    from scaling.data import DataError
-    from scaling.executors import ExecutorError
-    from scaling.laws import FitError
-    from scaling.store import StoreError
+USER_ERRORS = {"scaling.store": "StoreError", "scaling.laws": "FitError", "scaling.data": "DataError",
+               "scaling.executors": "ExecutorError", "duckdb": "Error"}  # module: exception that is the user's input
 
-    return (StoreError, FitError, DataError, ExecutorError, duckdb.Error, FileNotFoundError)
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that are the user's input, printed as one line. Only modules already imported can have raised
+    one, so none is imported here (``scaling.data`` alone would cost seconds of torch import)."""
+    loaded = [getattr(sys.modules[module], name) for module, name in USER_ERRORS.items() if module in sys.modules]
+    return (*loaded, FileNotFoundError)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,11 +55,14 @@ def cli() -> None:
 @click.argument("sweep_file", type=click.Path())
 @FORMAT
 @click.option("--dropped", is_flag=True, help="print the dropped points instead of the planned runs")
-def grid(sweep_file: str, fmt: str, dropped: bool) -> None:
+@MAX_RUNS
+@FORCE
+def grid(sweep_file: str, fmt: str, dropped: bool, max_runs: int, force: bool) -> None:
     """Plan a sweep: every (budget, sparsity, size, seed) run with exact FLOPs and a stable run_id."""
+    sweep = load_sweep(sweep_file)  # before the heavy imports: a config error is printed at once
     from scaling.grid import plan, summarize
 
-    planned = plan(load_sweep(sweep_file))
+    planned = plan(capped(sweep, max_runs, force))
     frame = planned.dropped if dropped else planned.runs.drop(columns="spec")
     if fmt == "table" and not dropped:
         frame = frame[GRID_COLUMNS]
@@ -71,7 +78,7 @@ def grid(sweep_file: str, fmt: str, dropped: bool) -> None:
 @click.option("--one", "one", default=None, help="train a single run from a JSON RunSpec (no store)")
 @click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="local worker processes (each gets cores/workers threads)")
+              help="local worker processes (each run uses its train.threads, 1 unless the sweep says)")
 @click.option("--max-parallel", type=click.IntRange(min=1), default=None, help="slurm: array jobs running at once")
 @click.option("--partition", default=None, help="slurm partition")
 @click.option("--time-min", type=click.IntRange(min=1), default=None, help="slurm time limit per run (minutes)")
@@ -80,24 +87,27 @@ def grid(sweep_file: str, fmt: str, dropped: bool) -> None:
 @click.option("--retries", type=click.IntRange(min=0), default=1, show_default=True, help="retries of failed runs")
 @click.option("--dry-run", is_flag=True, help="print what would run, with FLOPs and estimated time")
 @click.option("--quick", is_flag=True, help="a reduced version of the sweep (smoke test)")
+@MAX_RUNS
+@FORCE
 @FORMAT
 def run(sweep_file: str | None, db: str | None, runs_dir: str | None, one: str | None, executor: str,
         workers: int, max_parallel: int | None, partition: str | None, time_min: int | None,
         cpus_per_task: int | None, gpus_per_node: int | None, retries: int, dry_run: bool, quick: bool,
-        fmt: str) -> None:
+        max_runs: int, force: bool, fmt: str) -> None:
     """Train every run of a sweep that is not done yet and ingest the results (resumable)."""
     if one is not None:
         run_one(one, runs_dir)
         return
     if sweep_file is None:
         raise click.UsageError("give a SWEEP_FILE, or --one JSON")
+    sweep = load_sweep(sweep_file)
     from scaling.sweep import execute_sweep
 
-    sweep = load_sweep(sweep_file)
     if quick:
         from scaling.grid import quick as reduce
 
         sweep = reduce(sweep)
+    sweep = capped(sweep, max_runs, force)
     options = {k: v for k, v in dict(partition=partition, time_min=time_min, cpus_per_task=cpus_per_task,
                                      gpus_per_node=gpus_per_node, max_parallel=max_parallel).items()
                if v is not None}
@@ -112,16 +122,53 @@ def run(sweep_file: str | None, db: str | None, runs_dir: str | None, one: str |
         sys.exit(1)  # the summary said which runs failed; finished ones are stored
 
 
+def capped(sweep: SweepConfig, max_runs: int, force: bool) -> SweepConfig:
+    """``sweep``, unless it can plan more runs than ``--max-runs`` and there is no ``--force``: then a
+    ConfigError saying how many."""
+    from scaling.grid import check_size
+
+    check_size(sweep, None if force else max_runs)
+    return sweep
+
+
 def run_one(spec_json: str, runs_dir: str | None) -> None:
-    from scaling.config import RunSpec
+    spec = one_spec(spec_json)
     from scaling.train import train_run
 
-    try:
-        spec = RunSpec.from_dict(json.loads(spec_json))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--one: not valid JSON: {e}") from None
     result = train_run(spec, runs_root(runs_dir) / spec.run_id)
     emit_json(result)
+
+
+def show_progress() -> None:
+    """Progress lines of long fits (``scaling.optimize`` logs them) on stderr, never on stdout."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("fit: %(message)s"))
+    logger = logging.getLogger("scaling.optimize")
+    logger.handlers[:] = [handler]  # one handler, on this run's stderr
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def one_spec(spec_json: str) -> RunSpec:
+    """``--one JSON``: a RunSpec as ``spec.json`` holds it (its ``run_id`` must be the spec's own) that trains at
+    least one step; anything else is a ConfigError."""
+    try:
+        raw = json.loads(spec_json)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--one: not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--one: expected a JSON object (a run spec, as in runs/<id>/spec.json), "
+                          f"got a {type(raw).__name__}")
+    given = raw.pop("run_id", None)
+    spec = RunSpec.from_dict(raw)
+    if given is not None and given != spec.run_id:
+        raise ConfigError(f"--one: run_id {given!r} is not this spec's id ({spec.run_id}): the spec was edited; "
+                          "drop run_id")
+    batch = spec.train.batch_size * spec.model.context
+    if spec.steps < 1:
+        raise ConfigError(f"--one: tokens = {spec.tokens} is less than one batch (batch_size × context = {batch} "
+                          "tokens): nothing to train")
+    return spec
 
 
 @cli.command()
@@ -180,8 +227,8 @@ def frozen_options(law: str, pairs: tuple[str, ...]) -> dict:
                                      param_hint="--freeze") from None
     if not values:
         return {}
-    if law == "isoflop":
-        raise click.BadParameter("the isoflop law has no parameters to freeze", param_hint="--freeze")
+    if law in ("isoflop", "sparsity-vertex"):
+        raise click.BadParameter(f"the {law} law has no parameters to freeze", param_hint="--freeze")
     if law == "envelope":
         if set(values) != {"L_inf"}:
             raise click.BadParameter("the envelope law can pin L_inf only", param_hint="--freeze")
@@ -191,8 +238,12 @@ def frozen_options(law: str, pairs: tuple[str, ...]) -> dict:
 
 @cli.command()
 @click.argument("sweep", required=False)
-@click.option("--law", type=click.Choice(["isoflop", "chinchilla", "data-constrained", "sparsity", "envelope"]),
-              required=True)
+@click.option("--law", type=click.Choice(["isoflop", "chinchilla", "data-constrained", "sparsity", "envelope",
+                                          "approach1", "sparsity-vertex"]), required=True,
+              help="approach1 (Chinchilla's first method) fits training curves: the sweep's stored curves, or a "
+                   "--csv of curve points (run_id, params, tokens, loss[, flops]); sparsity-vertex: the optimal "
+                   "sparsity under plenty and scarce data from isoFLOP vertices (needs runs at 2+ unique-token "
+                   "limits)")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
               help="fit an external CSV (columns params, active_params, tokens, unique_tokens, sparsity, flops, loss)")
 @click.option("--column", "columns", multiple=True, metavar="OURS=THEIRS",
@@ -210,13 +261,21 @@ def frozen_options(law: str, pairs: tuple[str, ...]) -> dict:
 @click.option("--budget", type=float, default=None, help="FLOP budget C for the compute-optimal answer")
 @click.option("--unique-tokens", type=float, default=None, help="unique-token limit U for the answer")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--holdout-largest", "holdout", type=click.IntRange(min=1), default=None, metavar="K",
+              help="extrapolation check: fit on all but the K largest budgets and predict those runs (not saved)")
 @DB
 @FORMAT
 def fit(sweep: str | None, law: str, csv_path: str | None, columns: tuple[str, ...], where: str | None,
         sparsity: float | None, freeze: tuple[str, ...], bootstrap: int, budget: float | None,
-        unique_tokens: float | None, seed: int, db: str | None, fmt: str) -> None:
+        unique_tokens: float | None, seed: int, holdout: int | None, db: str | None, fmt: str) -> None:
     """Fit a scaling law to a sweep's runs (saved in the store) or to a CSV."""
-    from scaling.fitting import fit_frame, fit_sweep, result_table
+    if law == "approach1":
+        fit_approach1(sweep, csv_path, columns, where, sparsity, bootstrap, budget, seed, db, fmt)
+        return
+    if holdout is not None:
+        fit_holdout(sweep, law, csv_path, columns, where, sparsity, freeze, bootstrap, budget, unique_tokens,
+                    seed, holdout, db, fmt)
+        return
 
     if columns and not csv_path:
         raise click.UsageError("--column applies to --csv only")
@@ -224,18 +283,151 @@ def fit(sweep: str | None, law: str, csv_path: str | None, columns: tuple[str, .
         raise click.BadParameter(f"{sparsity} is not a sparsity in [0, 1)", param_hint="--sparsity")
     options = dict(where=where, sparsity=sparsity, bootstrap=bootstrap, budget=budget, unique_tokens=unique_tokens,
                    seed=seed, **frozen_options(law, freeze))
+    if not csv_path and not sweep:
+        raise click.UsageError("give a SWEEP (from the store) or --csv PATH")
+    show_progress()
+    from scaling.fitting import fit_frame, fit_sweep, result_table
+
     if csv_path:
         result = fit_frame(csv_path, law, columns=assignments(columns, "--column", "OURS=THEIRS"), **options)
-    elif sweep:
-        result = fit_sweep(db, sweep_name(sweep), law, **options)
     else:
-        raise click.UsageError("give a SWEEP (from the store) or --csv PATH")
+        result = fit_sweep(db, sweep_name(sweep), law, **options)
     if fmt == "json":
         emit_json(result)
     else:
         emit(result_table(result), fmt, title=f"{law} fit ({result['n_points']} points)")
         for note in result.get("notes", []):
             err(f"note: {note}")
+
+
+@cli.command()
+@click.option("--fit", "fit_id", required=True, help="a saved fit (SELECT fit_id FROM fits)")
+@click.option("--params", "n", type=click.FloatRange(min=0, min_open=True), default=None, help="total params N")
+@click.option("--tokens", "d", type=click.FloatRange(min=0, min_open=True), default=None, help="training tokens D")
+@click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True), default=None, help="sparsity S [default: 0]")
+@click.option("--unique-tokens", "u", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="unique tokens U [default: D, nothing repeated]")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
+              help="predict every row of a CSV with columns params, tokens (optionally sparsity, unique_tokens)")
+@click.option("--bootstrap", type=click.IntRange(min=0), default=200, show_default=True,
+              help="resamples over the fit's runs for the intervals")
+@click.option("--seed", type=int, default=0, show_default=True)
+@DB
+@FORMAT
+def predict(fit_id: str, n: float | None, d: float | None, sparsity: float | None, u: float | None,
+            csv_path: str | None, bootstrap: int, seed: int, db: str | None, fmt: str) -> None:
+    """Predicted loss of a saved fit at new points, with confidence and prediction intervals."""
+    import pandas as pd
+
+    from scaling.predict import POINT_COLUMNS
+    from scaling.predict import predict as predict_points
+
+    if csv_path and (n or d):
+        raise click.UsageError("give --params and --tokens, or --csv, not both")
+    if csv_path:
+        from scaling.fitting import read_points
+
+        points = read_points(csv_path)
+        missing = [c for c in ("params", "tokens") if c not in points]
+        if missing:
+            raise click.BadParameter(f"{csv_path} has no column {', '.join(missing)}", param_hint="--csv")
+        points = points[[c for c in POINT_COLUMNS if c in points]]
+    elif n and d:
+        points = pd.DataFrame({"params": [n], "tokens": [d], "sparsity": [sparsity], "unique_tokens": [u]})
+    else:
+        raise click.UsageError("give --params N and --tokens D (or --csv FILE)")
+    table, notes = predict_points(db, fit_id, points, bootstrap=bootstrap, seed=seed)
+    emit(table, fmt, title=f"predictions of {fit_id}")
+    for note in notes:
+        err(f"note: {note}")
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--sweep", "sweep", required=True, help="name of the external sweep the runs go into")
+@click.option("--column", "columns", multiple=True, metavar="OURS=THEIRS",
+              help="read convention column OURS from the file's column THEIRS (repeatable), as for fit --csv")
+@click.option("--key", default=None, metavar="COLUMN",
+              help="the file's column naming each run [default: a hash of the row's config columns]")
+@click.option("--curves", type=click.Path(dir_okay=False), default=None,
+              help="long-format training curves: run (a --key value), step and/or tokens, loss, optionally lr")
+@click.option("--curve-column", "curve_columns", multiple=True, metavar="OURS=THEIRS",
+              help="read curve column OURS (run, step, tokens, loss, eval_loss, train_loss, lr, wall_s) from "
+                   "THEIRS (repeatable)")
+@DB
+@FORMAT
+def ingest(file: str, sweep: str, columns: tuple[str, ...], key: str | None, curves: str | None,
+           curve_columns: tuple[str, ...], db: str | None, fmt: str) -> None:
+    """Store runs trained elsewhere (CSV, Parquet, JSON Lines) as an external sweep; rerun after the file
+    changes."""
+    from scaling.ingest import ingest_file
+
+    done = ingest_file(db, file, sweep, columns=assignments(columns, "--column", "OURS=THEIRS"), key=key,
+                       curves=curves, curve_columns=assignments(curve_columns, "--curve-column", "OURS=THEIRS"))
+    emit(done.table(), fmt, title=f"sweep {sweep}")
+    for note in done.notes:
+        err(f"note: {note}")
+
+
+def fit_approach1(sweep: str | None, csv_path: str | None, columns: tuple[str, ...], where: str | None,
+                  sparsity: float | None, bootstrap: int, budget: float | None, seed: int, db: str | None,
+                  fmt: str) -> None:
+    """``fit --law approach1``: the lower envelope of the training curves and N*(C) ∝ C^a."""
+    import pandas as pd
+
+    from scaling.approach1 import fit_curves, fit_sweep_curves
+    from scaling.fitting import convention_columns, read_points, result_table
+
+    options = dict(bootstrap=bootstrap, budget=budget, seed=seed)
+    if csv_path:
+        frame = convention_columns(read_points(csv_path, where), assignments(columns, "--column", "OURS=THEIRS"),
+                                   csv_path)
+        if sparsity is not None and "sparsity" in frame:
+            frame = frame[(frame["sparsity"] - sparsity).abs() < 1e-6]
+        result = fit_curves(frame, csv_path, x="active_params" if "active_params" in frame else "params", **options)
+    elif sweep:
+        result = fit_sweep_curves(db, sweep_name(sweep), where, sparsity, **options)
+    else:
+        raise click.UsageError("give a SWEEP (from the store) or --csv PATH")
+    if fmt == "json":
+        emit_json(result)
+        return
+    if fmt == "table":
+        emit(result_table(result), fmt, title=f"approach 1 ({result['n_points']} curve points)")
+    env = pd.DataFrame(result["envelope"])
+    if fmt == "table":  # one row per stretch of budgets with the same best run
+        env = env[env["run_id"] != env["run_id"].shift()]
+    emit(env, fmt, title="lower envelope of the curves")
+    for note in result.get("notes", []):
+        err(f"note: {note}")
+
+
+def fit_holdout(sweep: str | None, law: str, csv_path: str | None, columns: tuple[str, ...], where: str | None,
+                sparsity: float | None, freeze: tuple[str, ...], bootstrap: int, budget: float | None,
+                unique_tokens: float | None, seed: int, k: int, db: str | None, fmt: str) -> None:
+    """``fit --holdout-largest K``: the fit on the smaller budgets, then the held-out runs (csv: those only)."""
+    import pandas as pd
+
+    from scaling.fitting import csv_points, one_sparsity, result_table, sweep_points
+    from scaling.holdout import holdout_fit
+
+    if csv_path:
+        frame = csv_points(csv_path, law, assignments(columns, "--column", "OURS=THEIRS"), where, sparsity)
+    elif sweep:
+        frame = one_sparsity(sweep_points(db, sweep_name(sweep), where, sparsity), law, f"sweep {sweep!r}")
+    else:
+        raise click.UsageError("give a SWEEP (from the store) or --csv PATH")
+    result = holdout_fit(frame, law, k, bootstrap=bootstrap, seed=seed, budget=budget, unique_tokens=unique_tokens,
+                         **frozen_options(law, freeze))
+    runs = pd.DataFrame(result["holdout"]["runs"])
+    if fmt == "json":
+        emit_json(result)
+        return
+    if fmt == "table":
+        emit(result_table(result), fmt, title=f"{law} fit on the smaller budgets ({result['n_points']} points)")
+    emit(runs, fmt, title=f"held-out runs at the {k} largest budget(s)")
+    for note in result.get("notes", []):
+        err(f"note: {note}")
 
 
 @cli.command()

@@ -101,7 +101,7 @@ class TrainConfig:
     first_checkpoint_step: int = 16
     log_every: int = 10
     save_every: int = 200
-    threads: int = 0
+    threads: int = 1  # CPU threads of the run: part of its spec, since losses depend on it
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "wsd", "constant"):
@@ -114,9 +114,11 @@ class TrainConfig:
             raise ConfigError("train.warmup_frac, min_lr_frac and decay_frac must be fractions in [0, 1]")
         if not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
             raise ConfigError(f"train.beta1 and beta2 must lie in [0, 1), got {self.beta1}, {self.beta2}")
-        for name in ("weight_decay", "threads"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.threads < 1:
+            raise ConfigError(f"train.threads must be at least 1 (a run's thread count is part of its spec), got "
+                              f"{self.threads}")
         if self.grad_clip <= 0:
             raise ConfigError(f"train.grad_clip must be positive, got {self.grad_clip}")
 
@@ -173,14 +175,25 @@ V1_FIELDS = {
 }
 
 
+# Spec version 1 wrote train.threads = 0 ("cores / workers, decided at run time"): ids did not say how many threads
+# a run used, though its losses depend on it. Now the count is part of the spec (at least 1) and one thread hashes
+# as version 1's 0, so that runs trained with one thread keep their ids; the store's migration (``store.
+# resolve_threads``) re-keys the stored runs that ran with more, so that no stored id is ambiguous.
+V1_ONE_THREAD = 0
+
+
 def canonical_spec(spec: RunSpec) -> dict[str, Any]:
-    """``spec.to_dict()`` without the fields added after spec version 1 that sit at their defaults."""
+    """``spec.to_dict()`` without the fields added after spec version 1 that sit at their defaults (and one
+    thread written as version 1 wrote it, ``V1_ONE_THREAD``)."""
 
     def trim(obj: Any, section: str) -> dict[str, Any]:
         return {f.name: getattr(obj, f.name) for f in fields(obj)
                 if f.name in V1_FIELDS[section] or getattr(obj, f.name) != f.default}
 
-    out = {**trim(spec, "run"), "model": trim(spec.model, "model"), "train": trim(spec.train, "train")}
+    train = trim(spec.train, "train")
+    if train["threads"] == 1:
+        train["threads"] = V1_ONE_THREAD
+    out = {**trim(spec, "run"), "model": trim(spec.model, "model"), "train": train}
     if SPEC_VERSION > 1:
         out["spec_version"] = SPEC_VERSION
     return out
@@ -271,7 +284,11 @@ class Shape:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """A sweep file: budgets x sparsities x active-parameter sizes under a unique-token limit."""
+    """A sweep file: budgets x sparsities x active-parameter sizes under a unique-token limit U.
+
+    ``unique_tokens = [U1, U2]`` sweeps U as well: ``unique_tokens`` is then the largest and
+    ``unique_token_levels`` all of them (ascending); with one U, ``unique_token_levels`` is empty.
+    """
 
     name: str
     budgets: tuple[float, ...]
@@ -293,6 +310,12 @@ class SweepConfig:
     lr_ref_width: int = 0
     executor: dict[str, Any] = field(default_factory=dict)
     path: str = ""
+    unique_token_levels: tuple[int, ...] = ()
+
+    @property
+    def unique_token_values(self) -> tuple[int, ...]:
+        """Every unique-token limit U the sweep plans, ascending."""
+        return self.unique_token_levels or (self.unique_tokens,)
 
 
 TOP_KEYS = ["name", "corpus", "tokenizer", "vocab_size", "context", "unique_tokens", "budgets", "max_epochs",
@@ -367,6 +390,18 @@ def parse_variants(section: Any) -> tuple[Variant, ...]:
     return tuple(dict.fromkeys(variants))
 
 
+def unique_token_list(value: Any) -> tuple[int, ...]:
+    """``unique_tokens``: one whole number, or a list of 2+ distinct ones (U as a swept axis), ascending."""
+    if not isinstance(value, list):
+        return (int(positive(value, "unique_tokens")),)
+    if len(value) < 2:
+        raise ConfigError(f"unique_tokens as a list needs 2 or more values (or give one number), got {value!r}")
+    levels = tuple(sorted(whole(v, f"unique_tokens[{i}]") for i, v in enumerate(value)))
+    if len(set(levels)) < len(levels):
+        raise ConfigError(f"unique_tokens lists a value twice: {value!r}")
+    return levels
+
+
 def seed_list(value: Any, key: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not value or not all(
             isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value):
@@ -405,6 +440,7 @@ def parse_sweep(raw: dict[str, Any], path: str = "") -> SweepConfig:
         elif key != "partition":
             whole(value, f"executor.{key}")
     seeds = seed_list(raw.get("seeds", [0]), "seeds")
+    unique = unique_token_list(raw["unique_tokens"])
     repeat_seeds = seed_list(repeat["seeds"], "repeat.seeds") if "seeds" in repeat else ()
     if not isinstance(raw.get("corpus", ""), str):
         raise ConfigError(f"corpus must be a name or a path (a string), got {raw['corpus']!r}")
@@ -418,7 +454,7 @@ def parse_sweep(raw: dict[str, Any], path: str = "") -> SweepConfig:
         name=name,
         budgets=tuple(sorted(number_list(raw["budgets"], "budgets"))),
         variants=parse_variants(raw["sparsity"]),
-        unique_tokens=int(positive(raw["unique_tokens"], "unique_tokens")),
+        unique_tokens=unique[-1],
         corpus=str(raw.get("corpus", "shakespeare")),
         tokenizer=tokenizer,
         vocab_size=vocab,
@@ -435,6 +471,7 @@ def parse_sweep(raw: dict[str, Any], path: str = "") -> SweepConfig:
         lr_ref_width=lr_ref,
         executor=dict(executor),
         path=path,
+        unique_token_levels=unique if len(unique) > 1 else (),
     )
 
 
@@ -445,6 +482,12 @@ def load_sweep(path: str | Path) -> SweepConfig:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such sweep file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a sweep file (a .toml)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a sweep file is TOML text)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: malformed TOML: {e}") from None
     try:
