@@ -750,10 +750,7 @@ def regime_isoflop_plot(points: pd.DataFrame | None, vertices: pd.DataFrame | No
     if data.empty or verts["regime"].nunique() < 2:
         return None
     labels = Labels.of(data, verts)
-    curves = []
-    for u, group in data.groupby("unique_tokens"):
-        curves.append(parabolas(group, "active_params")[0].assign(unique_tokens=u))
-    curves = pd.concat(curves, ignore_index=True).merge(regimes, on="unique_tokens")
+    curves = fitted_parabolas(verts).merge(regimes, on="unique_tokens")
     data, curves, verts = (labels(f).assign(panel=lambda f: regime_label(f)) for f in (data, curves, verts))
     plenty = verts[verts["regime"] == "plenty"].set_index("sparsity")
     scarce = verts[verts["regime"] == "scarce"]
@@ -787,6 +784,19 @@ def regime_isoflop_plot(points: pd.DataFrame | None, vertices: pd.DataFrame | No
                        fill="white", stroke=1.0, inherit_aes=False, show_legend={"color": False})
     plot += scale_shape_manual(values={"isoFLOP vertex (95% CI)": "D", "no interior minimum (edge)": "X"})
     return plot
+
+
+def fitted_parabolas(vertices: pd.DataFrame, n: int = 40) -> pd.DataFrame:
+    """The curves ``SparsityVertex`` fitted (c0 + c1·v + c2·v², v = log10 N − center), each drawn over the sizes
+    it was fitted to (``fit_lo``..``fit_hi``), as (unique_tokens, budget, sparsity, active_params, loss) rows."""
+    rows = []
+    for v in vertices.dropna(subset=["c0", "c1", "c2", "fit_lo", "fit_hi"]).itertuples(index=False):
+        grid = np.linspace(v.fit_lo, v.fit_hi, n)
+        u = grid - v.center
+        rows.append(pd.DataFrame({"unique_tokens": v.unique_tokens, "budget": v.budget, "sparsity": v.sparsity,
+                                  "active_params": 10**grid, "loss": v.c0 + v.c1 * u + v.c2 * u * u}))
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
+        columns=["unique_tokens", "budget", "sparsity", "active_params", "loss"])
 
 
 def vertex_sparsity_plot(vertices: pd.DataFrame | None, s_star: pd.DataFrame | None) -> ggplot | None:

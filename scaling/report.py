@@ -394,7 +394,8 @@ def draw(data: SweepData, fits: list[Fit], unique_tokens: float, folder: Path) -
                    else " (no interval: the isoFLOP fits failed)"))
     compare: list[tuple[str, str, Callable[[], Any], str]] = [
         ("regimes_isoflop", "IsoFLOP curves per sparsity at the largest budget under plenty and scarce unique "
-         "tokens: vertices (diamonds) with 95% bootstrap intervals in N* and L*; arrows run from each sparsity's "
+         "tokens: each line is the parabola fitted to the sizes nearest that curve's minimum (drawn over those "
+         "sizes), vertices (diamonds) with 95% bootstrap intervals in N* and L*; arrows run from each sparsity's "
          "plenty vertex (hollow circle) to its scarce vertex.",
          lambda: plots.regime_isoflop_plot(data.points, getattr(vertex_model, "vertices_", None)), regimes),
         ("regimes_sparsity", "IsoFLOP vertex loss L* against sparsity per budget, plenty and scarce data side by "

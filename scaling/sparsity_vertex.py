@@ -1,7 +1,11 @@
 """The sparsity answer without a ten-parameter law: isoFLOP vertices per (U, C, S) and the optimal sparsity S*.
 
 Per unique-token limit U, budget C and sparsity S, the isoFLOP parabola of loss in log10 N_active (Chinchilla
-approach 2, Hoffmann et al. 2022; ``laws._parabolas``) gives the vertex (N*, L*). At fixed (C, U),
+approach 2, Hoffmann et al. 2022; ``laws._parabolas``) gives the vertex (N*, L*). The parabola is fitted to the
+sizes nearest the curve's lowest mean loss (half of them, at least 3: ``near_minimum``), not to all of them: an
+isoFLOP curve is a parabola only near its minimum, and over a wide span (a 20× range of sizes) its asymmetry pulls a
+parabola through every size off the lowest runs (measured: 0.05 nats above the best runs of a sparse curve), which
+would bias L* upwards by an amount that differs between sparsities. At fixed (C, U),
 S* = argmin over the sampled sparsities of L*, refined by the parabola of L* in log E (E/k = 1/(1 − S), experts
 per routing choice) through the lowest sparsity and its two neighbours; at the densest or sparsest sampled level
 S* stays there (clipped to the sampled range). The user's question (does scarce data move the optimum to an
@@ -95,6 +99,29 @@ def curve_resamples(n_resamples: int, runs: np.ndarray, curves: np.ndarray, log_
     return W
 
 
+def near_minimum(W: np.ndarray, log_n: np.ndarray, loss: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """W (R, n) with each curve's weight kept only on its sizes nearest its minimum, per resample: of the sizes a
+    resample drew, the ``max(3, ceil(m / 2))`` consecutive ones (m drawn) centred on the size of lowest weighted
+    mean loss, shifted inwards at either end. The window is chosen again in every resample, so the bootstrap
+    interval includes the choice."""
+    out = np.zeros_like(W)
+    for g in np.unique(cells):
+        idx = np.flatnonzero(cells == g)
+        sizes, size_of = np.unique(log_n[idx], return_inverse=True)
+        onehot = np.eye(len(sizes))[size_of]  # (rows, sizes): a curve has a handful of sizes
+        drawn = W[:, idx] @ onehot  # (R, sizes) weight per size
+        with np.errstate(all="ignore"):
+            mean = (W[:, idx] * loss[idx]) @ onehot / drawn
+        for r in range(len(W)):
+            present = np.flatnonzero(drawn[r] > 0)
+            width = min(len(present), max(MIN_SIZES, -(-len(present) // 2)))
+            best = int(np.argmin(mean[r, present]))
+            start = int(np.clip(best - width // 2, 0, len(present) - width))
+            keep = np.isin(size_of, present[start:start + width])
+            out[r, idx[keep]] = W[r, idx[keep]]
+    return out
+
+
 class SparsityVertex(Law):
     """Nonparametric optimal sparsity under plenty and scarce data (see the module docstring).
 
@@ -126,10 +153,12 @@ class SparsityVertex(Law):
         W = np.ones((1, data["n"]))
         if R:
             W = np.vstack([W, curve_resamples(R, data["runs"], data["cell"], data["log_n"], self.seed)])
+        W = near_minimum(W, data["log_n"], data["loss"], data["cell"])
         par = _parabolas(data["log_n"], data["loss"], data["cell"], len(data["cells"]), W)
         log_n, loss = curve_minima(par)
         coef, v = par["coef"][0, data["cell"]], data["log_n"] - par["center"][data["cell"]]
-        self.objective_ = float(np.nansum((data["loss"] - coef[:, 0] - coef[:, 1] * v - coef[:, 2] * v * v) ** 2))
+        self.objective_ = float(np.nansum(W[0] * (data["loss"] - coef[:, 0] - coef[:, 1] * v - coef[:, 2] * v * v)
+                                          ** 2))
         self._check_curves(data, par)
         samples = self._quantities(data, log_n, loss)
         self.params_ = {k: float(v) for k, v in samples.iloc[0].items() if np.isfinite(v)}
@@ -246,7 +275,10 @@ class SparsityVertex(Law):
                          "n_star": self.params_.get(n_key, np.nan), "n_lo": self._interval(n_key)[0],
                          "n_hi": self._interval(n_key)[1], "loss_star": self.params_.get(l_key, np.nan),
                          "loss_lo": self._interval(l_key)[0], "loss_hi": self._interval(l_key)[1],
-                         "in_range": bool(par["in_range"][0, g])})
+                         "in_range": bool(par["in_range"][0, g]),
+                         # the fitted parabola (in log10 N about ``center``) and the sizes it was fitted to
+                         **dict(zip(("c0", "c1", "c2"), par["coef"][0, g], strict=True)),
+                         "center": par["center"][g], "fit_lo": par["lo"][0, g], "fit_hi": par["hi"][0, g]})
         stars = []
         s_min, s_max = data["sparsities"].min(), data["sparsities"].max()
         for U, C in data["cells"][["U", "C"]].drop_duplicates().itertuples(index=False):

@@ -120,3 +120,24 @@ def test_curves_of_three_runs_get_no_verdict():
     frame = frame[frame["seed"] == 0]
     model = SparsityVertex(bootstrap=50).fit(frame)
     assert model.verdict_.startswith("not resolved by these runs: add runs at C = 1e12 (a second seed")
+
+
+def test_vertex_near_the_minimum_is_less_biased_than_a_parabola_through_every_size():
+    """Noiseless runs of the known law over a 20x span of sizes: the curve is asymmetric in log N, so a parabola
+    through all 5 sizes misses the true minimum loss; the one through the sizes nearest the minimum does not."""
+    from scaling.laws import _parabolas
+    from scaling.sparsity_vertex import near_minimum
+
+    frame = finite_data_sweep(INTERIOR, span=20.0, noise=0.0, budgets=(TOP,), unique=(PLENTY, SCARCE))
+    model = SparsityVertex().fit(frame)
+    log_n, loss = np.log10(frame["active_params"].to_numpy()), frame["loss"].to_numpy()
+    cells = frame.groupby(["unique_tokens", "sparsity"]).ngroup().to_numpy()
+    W = np.ones((1, len(frame)))
+    every = _parabolas(log_n, loss, cells, cells.max() + 1, W)["value"][0]
+    local = _parabolas(log_n, loss, cells, cells.max() + 1, near_minimum(W, log_n, loss, cells))["value"][0]
+    truth = np.array([true_vertex(TOP, s, u, INTERIOR)[1]
+                      for (u, s), _ in frame.groupby(["unique_tokens", "sparsity"])])
+    assert np.abs(local - truth).max() < 0.5 * np.abs(every - truth).max()
+    assert np.abs(local - truth).max() < 0.01
+    fitted = model.vertices_.sort_values(["unique_tokens", "sparsity"])["loss_star"].to_numpy()
+    assert fitted == pytest.approx(local)  # the law uses the local parabola
