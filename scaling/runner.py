@@ -17,6 +17,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
+from scaling.branches import blocked_on
 from scaling.config import SweepConfig
 from scaling.executors import Executor, Handle, Task
 from scaling.grid import plan
@@ -113,7 +114,9 @@ def run_sweep(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, executor: Exec
     """Train every unfinished run of ``sweep`` and ingest each result as soon as it lands.
 
     Runs a previous driver submitted and never collected (status ``running``) are first offered to the
-    executor's ``attach`` (Slurm: jobs still queued or running); only the others are submitted. On Ctrl-C the
+    executor's ``attach`` (Slurm: jobs still queued or running); only the others are submitted. A branch is
+    submitted once its trunk's checkpoint at its cooldown start exists (while the trunk trains on), and fails
+    if its trunk stops without one. On Ctrl-C the
     executor is shut down, results that landed meanwhile are ingested and the runs still in flight are marked
     ``interrupted``. ``on_update`` receives progress events: {"event": "start"|"done"|"tick", ...}.
     """
@@ -136,8 +139,10 @@ def run_sweep(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, executor: Exec
     try:
         handles = attach(executor, [rows[r] for r in rows if rows[r]["status"] == "running"])
         attached = {h.task.run_id for h in handles}
-        handles += submit(con, executor, [row for r, row in rows.items() if r not in attached], attempts)
-        while handles:
+        waiting = {r: row for r, row in rows.items() if r not in attached and blocked(row)}
+        handles += submit(con, executor, [row for r, row in rows.items() if r not in attached and r not in waiting],
+                          attempts)
+        while handles or waiting:
             time.sleep(poll_s)
             notify({"event": "tick", "running": [h.task for h in handles]})
             for handle in list(handles):
@@ -156,11 +161,37 @@ def run_sweep(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, executor: Exec
                         "flops": float(rows[task.run_id]["flops"])})
                 if retry:
                     handles += submit(con, executor, [rows[task.run_id]], attempts)
+            ready, orphans = release(waiting, {h.task.run_id for h in handles})
+            handles += submit(con, executor, ready, attempts)
+            for row, trunk in orphans:
+                error = f"its trunk {trunk} is not training and has no checkpoint at this branch's start"
+                mark(con, row["run_id"], "failed", error)
+                outcome.counts["failed"] = outcome.counts.get("failed", 0) + 1
+                notify({"event": "done", "run_id": row["run_id"], "status": "failed", "flops": float(row["flops"])})
     except KeyboardInterrupt:
         interrupt(con, executor, handles, list(rows))
         outcome.interrupted = True
     outcome.failed = count_status(con, sweep.name, ("failed",))
     return outcome
+
+
+def blocked(row: dict) -> bool:
+    """A branch whose trunk checkpoint is not there yet."""
+    spec = json.loads(row["spec"]) if isinstance(row["spec"], str) else row["spec"]
+    return blocked_on(spec, row["run_dir"]) is not None
+
+
+def release(waiting: dict[str, dict], in_flight: set[str]) -> tuple[list[dict], list[tuple[dict, str]]]:
+    """Take from ``waiting`` the branches whose trunk checkpoint has appeared (to submit) and those whose trunk
+    is not in flight (``in_flight``: run_ids) and so never will write it (to fail, with their trunk's id)."""
+    ready, orphans = [], []
+    for run_id, row in list(waiting.items()):
+        trunk = (json.loads(row["spec"]) if isinstance(row["spec"], str) else row["spec"])["trunk"]
+        if not blocked(row):
+            ready.append(waiting.pop(run_id))
+        elif trunk not in in_flight:
+            orphans.append((waiting.pop(run_id), trunk))
+    return ready, orphans
 
 
 def attach(executor: Executor, rows: list[dict]) -> list[Handle]:
@@ -231,13 +262,18 @@ def finish(con: duckdb.DuckDBPyConnection, handle: Handle) -> str:
 
 
 def status_tables(con: duckdb.DuckDBPyConnection, sweep: str | None) -> dict[str, pd.DataFrame]:
-    """Counts by status, failures with their first error line, slowest runs."""
+    """Counts by status, failures with their first error line, slowest runs; for sweeps with branches, the FLOPs
+    their points represent against those they spend (``scaling.branches``)."""
     if sweep and not con.execute("SELECT 1 FROM sweeps WHERE name = ?", [sweep]).fetchall():
         known = [name for (name,) in con.execute("SELECT name FROM sweeps ORDER BY name").fetchall()]
         raise StoreError(f"no sweep named {sweep!r} in this database "
                          f"({'sweeps: ' + ', '.join(known) if known else 'it has no sweeps yet'})")
     where, args = ("WHERE s.sweep = ?", [sweep]) if sweep else ("", [])
     base = f"FROM runs r JOIN sweep_runs s USING (run_id) {where}"
+    savings = con.execute(f"""SELECT s.sweep, count(*) FILTER (r.role = 'trunk') AS trunks,
+        count(*) FILTER (r.role <> 'trunk') AS points, sum(r.flops) FILTER (r.role <> 'trunk') AS flops,
+        sum(r.flops_spent) AS flops_spent, sum(r.flops_spent) / sum(r.flops) FILTER (r.role <> 'trunk') AS spent_frac
+        {base} GROUP BY s.sweep HAVING count(*) FILTER (r.role = 'branch') > 0 ORDER BY s.sweep""", args).df()
     return {
         "counts": con.execute(f"SELECT s.sweep, r.status, count(*) AS runs, sum(r.flops) AS flops {base} "
                               "GROUP BY ALL ORDER BY ALL", args).df(),
@@ -248,4 +284,5 @@ def status_tables(con: duckdb.DuckDBPyConnection, sweep: str | None) -> dict[str
         "slowest": con.execute(f"SELECT s.sweep, r.run_id, r.sparsity, r.active_params, r.flops, r.wall_s, "
                                f"r.tokens_per_s {base} {'AND' if where else 'WHERE'} r.wall_s IS NOT NULL "
                                "ORDER BY r.wall_s DESC LIMIT 5", args).df(),
+        **({"savings": savings} if len(savings) else {}),  # planned FLOPs: points represent, trunks + branches spend
     }

@@ -21,7 +21,7 @@ import pandas as pd
 
 from scaling.config import SweepConfig
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_DB = "scaling.duckdb"
 
 
@@ -39,10 +39,11 @@ RUN_COLUMNS = {
     "final_train_loss": "DOUBLE", "final_eval_loss": "DOUBLE", "tokens_seen": "BIGINT", "epochs_done": "DOUBLE",
     "diverged_step": "INTEGER", "wall_s": "DOUBLE", "train_s": "DOUBLE", "tokens_per_s": "DOUBLE",
     "flops_per_s": "DOUBLE", "started_at": "TIMESTAMP", "finished_at": "TIMESTAMP", "ingested_at": "TIMESTAMP",
+    "role": "VARCHAR DEFAULT 'run'", "trunk_id": "VARCHAR", "flops_spent": "DOUBLE",
 }
 PLANNED = ["flops", "flops_6nd", "params", "active_params", "embedding_params", "sparsity", "param_sparsity",
            "n_experts", "top_k", "d_model", "n_layers", "n_heads", "lr", "steps", "tokens", "unique_tokens",
-           "epochs", "seed"]
+           "epochs", "seed", "role", "trunk_id", "flops_spent"]
 RESULT = ["final_train_loss", "final_eval_loss", "tokens_seen", "epochs_done", "diverged_step", "wall_s",
           "train_s", "tokens_per_s", "flops_per_s", "started_at", "finished_at"]
 
@@ -70,12 +71,13 @@ VIEWS = {
         SELECT s.sweep, r.run_id, s.budget, r.flops, r.params, r.active_params, r.embedding_params, r.sparsity,
                r.param_sparsity, r.n_experts, r.top_k, r.d_model, r.n_layers, r.lr, r.steps, r.tokens,
                r.unique_tokens, r.epochs, r.seed, r.final_eval_loss, r.final_train_loss,
-               r.final_eval_loss - r.final_train_loss AS generalization_gap, r.wall_s, r.tokens_per_s
-        FROM runs r JOIN sweep_runs s USING (run_id) WHERE r.status = 'ok'""",
+               r.final_eval_loss - r.final_train_loss AS generalization_gap, r.wall_s, r.tokens_per_s,
+               r.trunk_id, r.flops_spent
+        FROM runs r JOIN sweep_runs s USING (run_id) WHERE r.status = 'ok' AND r.role <> 'trunk'""",
     "isoflop_points": """
         SELECT s.sweep, s.budget, r.run_id, r.params, r.active_params, r.tokens, r.unique_tokens, r.sparsity,
                r.flops, r.final_eval_loss AS loss, r.epochs, r.seed
-        FROM runs r JOIN sweep_runs s USING (run_id) WHERE r.status = 'ok'""",
+        FROM runs r JOIN sweep_runs s USING (run_id) WHERE r.status = 'ok' AND r.role <> 'trunk'""",
     "training_curves": """
         SELECT s.sweep, s.budget, m.run_id, r.sparsity, r.n_experts, r.top_k, r.active_params, r.params, r.seed,
                m.step, m.tokens, m.tokens / r.unique_tokens AS epochs, m.train_loss, m.ce_loss, m.aux_loss,
@@ -89,7 +91,7 @@ VIEWS = {
         FROM fits f JOIN fit_values v USING (fit_id)""",
 }
 VIEW_DOCS = {
-    "final_losses": "one row per ok run and sweep: config columns and final eval/train loss",
+    "final_losses": "one row per ok run and sweep (trunks aside): config columns and final eval/train loss",
     "isoflop_points": "the fitting convention: budget, params, active_params, tokens, unique_tokens, sparsity, "
                       "flops, loss",
     "training_curves": "every logged step of every run: tokens, train/eval loss, lr, wall seconds",
@@ -141,8 +143,35 @@ def init_schema(con: duckdb.DuckDBPyConnection, path: Path) -> None:
     version = check_version(con, path)
     if version is None:
         con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+    elif version < SCHEMA_VERSION:
+        migrate(con, version)
     for name, sql in VIEWS.items():
         con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
+
+
+def add_branch_columns(con: duckdb.DuckDBPyConnection) -> None:
+    """Version 2, trunks and cooldown branches: ``runs.role`` (run, trunk or branch), ``trunk_id`` and
+    ``flops_spent``. Every run stored before was a dedicated run, so it spent what it represents."""
+    con.execute("ALTER TABLE runs ADD COLUMN IF NOT EXISTS role VARCHAR DEFAULT 'run'")
+    con.execute("ALTER TABLE runs ADD COLUMN IF NOT EXISTS trunk_id VARCHAR")
+    con.execute("ALTER TABLE runs ADD COLUMN IF NOT EXISTS flops_spent DOUBLE")
+    con.execute("UPDATE runs SET role = coalesce(role, 'run'), flops_spent = coalesce(flops_spent, flops)")
+
+
+MIGRATIONS = {2: add_branch_columns}  # schema version -> the step from the version before
+
+
+def migrate(con: duckdb.DuckDBPyConnection, version: int) -> None:
+    """Bring a file of schema ``version`` up to ``SCHEMA_VERSION``, one step at a time, in one transaction."""
+    con.execute("BEGIN")
+    try:
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            MIGRATIONS[step](con)
+        con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
 
 
 def check_version(con: duckdb.DuckDBPyConnection, path: Path) -> int | None:
@@ -168,12 +197,14 @@ def register_plan(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, runs: pd.D
     con.execute("DELETE FROM sweep_runs WHERE sweep = ?", [sweep.name])
     for row in runs.to_dict("records"):
         run_dir = str(Path(runs_dir) / row["run_id"])
-        values = [row[c] for c in PLANNED]
+        values = [None if row[c] is None or (isinstance(row[c], float) and np.isnan(row[c])) else row[c]
+                  for c in PLANNED]
         con.execute(f"""INSERT INTO runs (run_id, status, attempts, {", ".join(PLANNED)}, spec, run_dir)
                         VALUES (?, 'planned', 0, {", ".join("?" * len(PLANNED))}, ?, ?)
                         ON CONFLICT DO UPDATE SET run_dir = excluded.run_dir""",
                     [row["run_id"], *values, json.dumps(row["spec"].to_dict()), run_dir])
-        con.execute("INSERT INTO sweep_runs VALUES (?, ?, ?)", [sweep.name, row["run_id"], row["budget"]])
+        budget = None if pd.isna(row["budget"]) else row["budget"]  # a trunk is no point of any budget
+        con.execute("INSERT INTO sweep_runs VALUES (?, ?, ?)", [sweep.name, row["run_id"], budget])
     con.execute("COMMIT")
 
 
