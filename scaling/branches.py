@@ -141,3 +141,13 @@ def dedicated_twin(sweep: SweepConfig) -> SweepConfig:
     are checked against. Its size lists are the branching sweep's lattice, so both have the same points."""
     return replace(sweep, name=f"{sweep.name}-dedicated",
                    schedule=replace(sweep.schedule, kind="dedicated", lattice=True))
+
+
+def savings_note(runs: pd.DataFrame) -> str:
+    """What branching saved, from a sweep's ``runs`` rows (role, flops, flops_spent); empty without branches."""
+    if "role" not in runs or not (runs.role == "branch").any():
+        return ""
+    points = runs[runs.role != "trunk"]
+    spent, represented = runs.flops_spent.sum(), points.flops.sum()
+    return (f"{len(points)} points from {int((runs.role == 'trunk').sum())} trunks with cooldown branches: "
+            f"{spent:.3g} FLOPs trained for the {represented:.3g} the points represent ({spent / represented:.0%})")

@@ -25,6 +25,7 @@ import pandas as pd
 
 from scaling import plots
 from scaling.bootstrap import percentile_intervals
+from scaling.branches import savings_note
 from scaling.laws import LAWS, FitError, Law, summarize
 from scaling.store import StoreError, connect, db_path, literal, runs_frame, save_fit
 
@@ -521,6 +522,7 @@ def page(sweep: str, db: str | None, data: SweepData, fits: list[Fit], figures: 
         f"<h1>Scaling report: sweep {html.escape(sweep)}</h1>",
         f"<p class=meta>{len(data.runs)} runs ({html.escape(status)}); store {html.escape(str(db_path(db)))}; "
         f"{bootstrap} bootstrap resamples over runs; generated {generated}.</p>",
+        *([f"<p class=meta>{html.escape(saved)}.</p>"] if (saved := savings_note(data.runs)) else []),
         f'<p class="answer">{html.escape(result["sentence"])}</p>',
         "<h2>Flags</h2>", flag_html,
         "<h2>Figures</h2>", *[figure_html(f) for f in figures],

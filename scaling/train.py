@@ -345,6 +345,7 @@ class Run:
             raise ValueError(f"branch {spec.run_id}: {path} is not trunk {spec.trunk} at step {spec.cooldown_start}")
         self.restore(state)
         self.record.started_at = now_iso()
+        self.log(f"branching from trunk {spec.trunk} at step {spec.cooldown_start}")
         return True
 
     def restore(self, state: dict) -> None:
