@@ -101,6 +101,17 @@ def branch_plan(runs: pd.DataFrame, sweep: SweepConfig) -> pd.DataFrame:
     return pd.DataFrame(out, columns=runs.columns).reset_index(drop=True)
 
 
+def trained_flops(runs: pd.DataFrame) -> pd.Series:
+    """FLOPs each planned run trains itself (``grid.plan`` rows): a branch only its cooldown, others all of theirs."""
+    def own(row: dict) -> float:
+        spec = row["spec"]
+        if row["role"] != "branch":
+            return row["flops"]
+        return row["flops"] * (spec.steps - spec.cooldown_start) / spec.steps
+
+    return pd.Series([own(row) for row in runs.to_dict("records")], index=runs.index, dtype=float)
+
+
 POINT = ["n_experts", "top_k", "d_model", "n_layers", "tokens", "unique_tokens"]
 COMPARED = ["point", "epochs", "seeds", "dedicated", "branches", "diff", "ci_lo", "ci_hi", "rel_diff"]
 

@@ -161,7 +161,8 @@ class RunSpec:
         return self.tokens // (self.train.batch_size * self.model.context)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The spec as JSON has it (``branch_steps`` a list)."""
+        return {**asdict(self), "branch_steps": list(self.branch_steps)}
 
     def canonical(self) -> dict[str, Any]:
         """The form ``run_id`` hashes: every field of spec version 1, plus a later field only where it differs from

@@ -17,7 +17,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-from scaling.branches import blocked_on
+from scaling.branches import blocked_on, trained_flops
 from scaling.config import SweepConfig
 from scaling.executors import Executor, Handle, Task
 from scaling.grid import plan
@@ -81,9 +81,11 @@ def runs_to_do(con: duckdb.DuckDBPyConnection, sweep: str, retries: int) -> pd.D
 
 def dry_run(db: str | None, sweep: SweepConfig, retries: int) -> pd.DataFrame:
     """What ``run_sweep`` would train, read without writing anything: the plan, with the statuses the store (if
-    there is one) has for its runs, and a time estimate from the store's measured FLOP/s (median of finished
-    runs), else a CPU default. Run files not yet ingested count as not done."""
-    runs = plan(sweep).runs[["run_id", "flops"]]
+    there is one) has for its runs, the FLOPs each trains itself (``trains``; a branch: its cooldown) and a time
+    estimate for those from the store's measured FLOP/s (median of finished runs), else a CPU default. Run files not yet
+    ingested count as not done."""
+    planned = plan(sweep).runs
+    runs = planned[["run_id", "flops"]].assign(trains=trained_flops(planned))
     known = pd.DataFrame({"run_id": pd.Series(dtype=str), "status": pd.Series(dtype=str),
                           "attempts": pd.Series(dtype="int64")})
     measured = None
@@ -97,7 +99,8 @@ def dry_run(db: str | None, sweep: SweepConfig, retries: int) -> pd.DataFrame:
             con.close()
     table = to_train(runs.merge(known, on="run_id", how="left").fillna({"status": "planned", "attempts": 0}),
                      retries)
-    return table[["run_id", "status", "flops"]].assign(est_seconds=table.flops / (measured or DEFAULT_FLOPS_PER_S))
+    return table[["run_id", "status", "flops", "trains"]].assign(
+        est_seconds=table.trains / (measured or DEFAULT_FLOPS_PER_S))
 
 
 def prepare(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, runs_dir: Path) -> pd.DataFrame:
