@@ -5,8 +5,11 @@ import functools
 import gzip
 import json
 import math
+import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -302,7 +305,6 @@ def faulty(dies: str, spec: dict, run_dir: str) -> dict:
         def exit_after_checkpoint() -> None:
             while not (Path(run_dir) / "checkpoint.pt").exists():
                 time.sleep(0.002)
-            import os
             os._exit(3)
 
         threading.Thread(target=exit_after_checkpoint, daemon=True).start()
@@ -353,3 +355,30 @@ def test_killed_trunk_fails_its_waiting_branches_then_resumes_and_each_branch_tr
     savings = status_tables(con, sweep.name)["savings"].iloc[0]
     assert savings.flops_spent == pytest.approx(runs.flops_spent.sum()) and savings.spent_frac < 1
     con.close()
+
+
+@pytest.mark.slow
+def test_scaling_run_trains_trunks_and_branches_and_status_says_what_it_saved(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    db, runs_dir = tmp_path / "results.duckdb", tmp_path / "runs"
+    env = {**os.environ, "SCALING_CACHE": str(REPO_CACHE)}
+    command = [sys.executable, "-c", "from scaling.cli import main; main()"]
+    done = subprocess.run([*command, "run", str(path), "--workers", "2", "--db", str(db), "--runs-dir",
+                           str(runs_dir)], capture_output=True, text=True, env=env, timeout=600)
+    planned = plan(load_sweep(path)).runs
+    assert done.returncode == 0, done.stderr
+    assert f"tiny-branches: {len(planned)} ok" in done.stderr
+    status = subprocess.run([*command, "status", "tiny-branches", "--db", str(db), "--format", "json"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    savings = json.loads(status.stdout)["savings"][0]
+    branches = planned[planned.role == "branch"]
+    assert savings["points"] == len(branches) and savings["trunks"] == (planned.role == "trunk").sum()
+    assert savings["flops"] == pytest.approx(branches.flops.sum())
+    assert savings["flops_spent"] == pytest.approx(planned.flops_spent.sum()) and savings["spent_frac"] < 0.9
+    con = connect(db, read_only=True)
+    stored = dict(con.execute("SELECT run_id, loss FROM isoflop_points").fetchall())
+    con.close()
+    assert sorted(stored) == sorted(branches.run_id)
+    for run_id, loss in stored.items():
+        assert loss == json.loads((runs_dir / run_id / "result.json").read_text())["final_eval_loss"]
