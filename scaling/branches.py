@@ -9,6 +9,9 @@ the same LR, data (a function of the step alone) and RNG, so the branch ends exa
 Accounting: ``flops`` is what a point represents (its D tokens); ``flops_spent`` is its cooldown plus its share of
 the trunk, each trunk segment split evenly among the branches that start after it, so a sweep's ``flops_spent``
 sums to the FLOPs it trains (a trunk's own ``flops_spent`` is 0: its branches carry it).
+
+A branch's record continues its trunk's: its curves start at step 0, and its ``wall_s`` and ``train_s`` include the
+trunk's time up to the branch start.
 """
 
 from __future__ import annotations

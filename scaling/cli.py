@@ -58,7 +58,7 @@ def grid(sweep_file: str, fmt: str, dropped: bool) -> None:
     planned = plan(load_sweep(sweep_file))
     frame = planned.dropped if dropped else planned.runs.drop(columns="spec")
     if fmt == "table" and not dropped:
-        frame = frame[GRID_COLUMNS]
+        frame = frame[GRID_COLUMNS + (["role", "trunk_id", "flops_spent"] if (frame.role != "run").any() else [])]
     emit(frame, fmt, title=f"{len(planned.runs)} planned runs")
     if len(planned.dropped) and not dropped:
         err(f"dropped {len(planned.dropped)} points: {summarize(planned.dropped)} (see --dropped)")

@@ -382,3 +382,12 @@ def test_scaling_run_trains_trunks_and_branches_and_status_says_what_it_saved(tm
     assert sorted(stored) == sorted(branches.run_id)
     for run_id, loss in stored.items():
         assert loss == json.loads((runs_dir / run_id / "result.json").read_text())["final_eval_loss"]
+
+
+def test_branch_check_needs_a_branching_sweep(tmp_path):
+    command = [sys.executable, "-c", "from scaling.cli import main; main()"]
+    done = subprocess.run([*command, "branch-check", str(ROOT / "sweeps" / "smoke.toml"), "--db",
+                           str(tmp_path / "x.duckdb")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == "" and not (tmp_path / "x.duckdb").exists()  # a config error
+    assert done.stderr.strip() == ('error: ' + str(ROOT / "sweeps" / "smoke.toml") +
+                                   ': branch-check needs a sweep with [schedule] kind = "wsd-branches"')
