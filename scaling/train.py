@@ -462,10 +462,10 @@ class Run:
                 self.note_progress(step)
             if save or keep:
                 rec.router_sums = sums.tolist() if sums is not None else None
+            if keep:  # before the periodic one: a resumed trunk never starts past a branch checkpoint it lacks
+                self.save(branch_checkpoint(self.dir, step))
             if save:
                 self.save()
-            if keep:
-                self.save(branch_checkpoint(self.dir, step))
             rec.wall_s += time.perf_counter() - clock
             clock = time.perf_counter()
             if held is not None and step < total:
