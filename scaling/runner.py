@@ -82,8 +82,8 @@ def runs_to_do(con: duckdb.DuckDBPyConnection, sweep: str, retries: int) -> pd.D
 def dry_run(db: str | None, sweep: SweepConfig, retries: int) -> pd.DataFrame:
     """What ``run_sweep`` would train, read without writing anything: the plan, with the statuses the store (if
     there is one) has for its runs, the FLOPs each trains itself (``trains``; a branch: its cooldown) and a time
-    estimate for those from the store's measured FLOP/s (median of finished runs), else a CPU default. Run files not yet
-    ingested count as not done."""
+    estimate for those from the store's measured FLOP/s (median of finished runs), else a CPU default. Run files
+    not yet ingested count as not done."""
     planned = plan(sweep).runs
     runs = planned[["run_id", "flops"]].assign(trains=trained_flops(planned))
     known = pd.DataFrame({"run_id": pd.Series(dtype=str), "status": pd.Series(dtype=str),
@@ -118,10 +118,10 @@ def run_sweep(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, executor: Exec
 
     Runs a previous driver submitted and never collected (status ``running``) are first offered to the
     executor's ``attach`` (Slurm: jobs still queued or running); only the others are submitted. A branch is
-    submitted once its trunk's checkpoint at its cooldown start exists (while the trunk trains on), and fails
-    if its trunk stops without one. On Ctrl-C the
-    executor is shut down, results that landed meanwhile are ingested and the runs still in flight are marked
-    ``interrupted``. ``on_update`` receives progress events: {"event": "start"|"done"|"tick", ...}.
+    submitted once its trunk's checkpoint at its cooldown start exists (while the trunk trains on), and fails if
+    its trunk stops without one. On Ctrl-C the executor is shut down, results that landed meanwhile are ingested
+    and the runs still in flight are marked ``interrupted``. ``on_update`` receives progress events:
+    {"event": "start"|"done"|"tick", ...}.
     """
     try:
         runs = prepare(con, sweep, runs_dir)
@@ -142,7 +142,7 @@ def run_sweep(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, executor: Exec
     try:
         handles = attach(executor, [rows[r] for r in rows if rows[r]["status"] == "running"])
         attached = {h.task.run_id for h in handles}
-        waiting = {r: row for r, row in rows.items() if r not in attached and blocked(row)}
+        waiting = {r: path for r, row in rows.items() if r not in attached and (path := blocked(row))}
         handles += submit(con, executor, [row for r, row in rows.items() if r not in attached and r not in waiting],
                           attempts)
         while handles or waiting:
@@ -165,12 +165,12 @@ def run_sweep(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, executor: Exec
                 if retry:
                     handles += submit(con, executor, [rows[task.run_id]], attempts)
             ready, orphans = release(waiting, {h.task.run_id for h in handles})
-            handles += submit(con, executor, ready, attempts)
-            for row, trunk in orphans:
-                error = f"its trunk {trunk} is not training and has no checkpoint at this branch's start"
-                mark(con, row["run_id"], "failed", error)
+            handles += submit(con, executor, [rows[r] for r in ready], attempts)
+            for run_id, trunk in orphans:
+                mark(con, run_id, "failed", f"its trunk {trunk} is not training and has no checkpoint at this "
+                     "branch's start")
                 outcome.counts["failed"] = outcome.counts.get("failed", 0) + 1
-                notify({"event": "done", "run_id": row["run_id"], "status": "failed", "flops": float(row["flops"])})
+                notify({"event": "done", "run_id": run_id, "status": "failed", "flops": float(rows[run_id]["flops"])})
     except KeyboardInterrupt:
         interrupt(con, executor, handles, list(rows))
         outcome.interrupted = True
@@ -178,22 +178,25 @@ def run_sweep(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, executor: Exec
     return outcome
 
 
-def blocked(row: dict) -> bool:
-    """A branch whose trunk checkpoint is not there yet."""
-    spec = json.loads(row["spec"]) if isinstance(row["spec"], str) else row["spec"]
-    return blocked_on(spec, row["run_dir"]) is not None
+def blocked(row: dict) -> Path | None:
+    """The trunk checkpoint a branch waits for, if it is not there yet (``branches.blocked_on``)."""
+    return blocked_on(json.loads(row["spec"]) if isinstance(row["spec"], str) else row["spec"], row["run_dir"])
 
 
-def release(waiting: dict[str, dict], in_flight: set[str]) -> tuple[list[dict], list[tuple[dict, str]]]:
-    """Take from ``waiting`` the branches whose trunk checkpoint has appeared (to submit) and those whose trunk
-    is not in flight (``in_flight``: run_ids) and so never will write it (to fail, with their trunk's id)."""
+def release(waiting: dict[str, Path], in_flight: set[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Take from ``waiting`` (branch run_id → the trunk checkpoint it waits for) the branches whose checkpoint has
+    appeared (to submit) and those whose trunk is not in flight (``in_flight``: run_ids), so never will write it
+    (to fail, with their trunk's id)."""
     ready, orphans = [], []
-    for run_id, row in list(waiting.items()):
-        trunk = (json.loads(row["spec"]) if isinstance(row["spec"], str) else row["spec"])["trunk"]
-        if not blocked(row):
-            ready.append(waiting.pop(run_id))
+    for run_id, path in list(waiting.items()):
+        trunk = path.parent.name  # branches.trunk_dir
+        if path.exists():
+            ready.append(run_id)
         elif trunk not in in_flight:
-            orphans.append((waiting.pop(run_id), trunk))
+            orphans.append((run_id, trunk))
+        else:
+            continue
+        del waiting[run_id]
     return ready, orphans
 
 

@@ -317,8 +317,8 @@ class Run:
         states = self.rng_states()
         if self.where.main:
             save_atomic(path or self.checkpoint, {"run_id": self.spec.run_id, "model": self.model.state_dict(),
-                                          "optimizer": self.opt.state_dict(), "rng": states,
-                                          "record": asdict(self.record)})
+                                                  "optimizer": self.opt.state_dict(), "rng": states,
+                                                  "record": asdict(self.record)})
 
     def resume(self) -> bool:
         """Restore the checkpoint of this same spec, if one exists (else a branch starts from its trunk's);
