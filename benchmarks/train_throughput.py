@@ -18,6 +18,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -36,31 +37,31 @@ MODELS = {
 }  # measured in this order, so each MoE step time sits next to the dense one it is compared with
 
 
-def matmul_gflops(n: int = 2048, reps: int = 3) -> float:
+def matmul_gflops(n: int = 2048, reps: int = 3, clock: Callable[[], float] = time.perf_counter) -> float:
     a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
     torch.mm(a, b, out=out)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(reps):
         torch.mm(a, b, out=out)
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+    return 2 * n**3 * reps / (clock() - start) / 1e9
 
 
 class Bench:
     """One model's training step on fixed random tokens."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, batch: int = BATCH) -> None:
         torch.manual_seed(0)
         self.cfg = cfg
         self.model = Transformer(cfg)
         self.opt = make_optimizer(self.model, TrainConfig(lr=1e-3))
-        self.x = torch.randint(0, cfg.vocab_size, (BATCH, CONTEXT))
-        self.y = torch.randint(0, cfg.vocab_size, (BATCH, CONTEXT))
+        self.x = torch.randint(0, cfg.vocab_size, (batch, cfg.context))
+        self.y = torch.randint(0, cfg.vocab_size, (batch, cfg.context))
 
-    def seconds_per_step(self, steps: int) -> float:
-        start = time.perf_counter()
+    def seconds_per_step(self, steps: int, clock: Callable[[], float] = time.perf_counter) -> float:
+        start = clock()
         for _ in range(steps):
             train_step(self.model, self.opt, self.x, self.y, 1.0, contextlib.nullcontext())
-        return (time.perf_counter() - start) / steps
+        return (clock() - start) / steps
 
 
 def measure(repeats: int, steps: int, threads: int) -> dict:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from scaling.config import ModelConfig
 from scaling.flops import param_counts
-from scaling.model import MoE, Transformer
+from scaling.model import Attention, MoE, Transformer, batched_attention_wins, batched_causal_attention
 
 BASE = dict(vocab_size=256, context=16, d_model=32, n_layers=2, n_heads=2, d_ff=128)
 VARIANTS = {
@@ -166,3 +166,48 @@ def test_causal_and_per_token_losses(name):
     assert per_token.shape == (2, 16) and per_token.mean().item() == pytest.approx(loss.item(), rel=1e-6)
     assert len(aux["router"]) == cfg.n_moe_layers
     assert aux["aux_loss"].shape == () and torch.isfinite(aux["aux_loss"] + aux["z_loss"])
+
+
+@pytest.mark.parametrize("T,head_dim", [(1, 4), (20, 4), (64, 4), (100, 8), (64, 16)])
+def test_batched_attention_matches_sdpa(T, head_dim):
+    """Forward and all input gradients equal SDPA's within float32 tolerance, for T within, at and across
+    query blocks."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(6, T, head_dim, requires_grad=True) for _ in range(3))
+    grad = torch.randn(6, T, head_dim)
+    ours = batched_causal_attention(q, k, v)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ours_grads = torch.autograd.grad(ours, (q, k, v), grad)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(ours_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("positional", ["learned", "rotary"])
+def test_attention_paths_agree(positional):
+    """The module's batched path (chosen for head size 4) and its SDPA path give the same output and weight
+    gradients."""
+    cfg = ModelConfig(**{**BASE, "context": 40, "n_heads": 8, "positional": positional})
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    assert all(m.batched for m in model.modules() if isinstance(m, Attention))
+    x = torch.randint(0, cfg.vocab_size, (3, cfg.context))
+    results = []
+    for batched in (True, False):
+        for m in model.modules():
+            if isinstance(m, Attention):
+                m.batched = batched
+        _, loss, _ = model(x, x)
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_batched_attention_rule():
+    assert batched_attention_wins(context=64, head_dim=4, n_heads=4)
+    assert not batched_attention_wins(context=64, head_dim=16, n_heads=8)  # SDPA's kernel wins
+    assert not batched_attention_wins(context=64, head_dim=4, n_heads=2)
+    assert not batched_attention_wins(context=512, head_dim=4, n_heads=8)

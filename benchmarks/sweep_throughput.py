@@ -1,0 +1,152 @@
+"""Training throughput of a sweep's model shapes at one thread, as sweep workers run them, and the sweep it buys.
+
+Family: every distinct model shape of the sweep's plan (default the demo: each size, dense and every sparsity)
+trains on fixed random tokens at its batch size with ``torch.set_num_threads(1)``. Achieved GFLOP/s are the
+exact training FLOPs of the steps (``flops.train_flops_per_token``) over their time, and each is divided by the
+float32 single-thread matmul peak measured in the same repeat. Attention runs on the path the model picks
+(``auto``: ``model.batched_attention_wins``) and, as the comparison, forced onto SDPA (``sdpa``); the family
+summary averages the dense and E = 8 shapes (the shapes of ``--family-experts``).
+
+Grid: isoFLOP points per CPU-minute of training steps over the whole plan, each run's FLOPs spent divided by its
+shape's measured throughput (eval and start-up not included), without and with branches (``flops_spent``).
+
+The machine may be shared, so every figure is the median of interleaved repeats and ratios pair figures measured
+moments apart; ``--clock cpu`` times this thread's CPU time instead of wall time, which a busy machine inflates.
+
+    python benchmarks/sweep_throughput.py [--sweep sweeps/demo.toml] [--repeats 5] [--steps 5] [--clock wall|cpu]
+                                          [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from train_throughput import Bench, matmul_gflops
+
+from scaling.config import ModelConfig, SweepConfig, load_sweep
+from scaling.flops import train_flops_per_token
+from scaling.grid import plan
+from scaling.model import Attention, batched_attention_wins
+from scaling.train import keep_freed_memory
+
+PATHS = ("auto", "sdpa")
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+DEMO = Path(__file__).resolve().parent.parent / "sweeps" / "demo.toml"
+
+
+def force_sdpa(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.batched = False
+
+
+def flops_spent(runs: pd.DataFrame) -> pd.Series | None:
+    """FLOPs the plan's runs cost when runs branch off shared trunks: the plan's ``flops_spent`` column (each
+    run's share of its trunk plus its own branch), or None for a plan without branches. The one place branch
+    accounting enters this benchmark."""
+    return runs["flops_spent"] if "flops_spent" in runs else None
+
+
+def grid_rate(runs: pd.DataFrame, flops: pd.Series, gflops: dict[ModelConfig, float]) -> dict:
+    """CPU-minutes of training steps for ``flops`` per run at each shape's throughput, and points per minute."""
+    seconds = sum(f / (gflops[spec.model] * 1e9) for f, spec in zip(flops, runs["spec"], strict=True))
+    return {"flops": float(flops.sum()), "cpu_minutes": seconds / 60, "points_per_cpu_minute": len(runs) * 60 / seconds}
+
+
+def measure(sweep: SweepConfig, repeats: int, steps: int, clock: str, family_experts: tuple[int, ...]) -> dict:
+    """Medians over interleaved repeats of peak and step throughput per shape and attention path."""
+    torch.set_num_threads(1)
+    keep_freed_memory()  # as train_run does on CPU
+    runs = plan(sweep).runs
+    shapes = sorted(set(runs["spec"].map(lambda spec: spec.model)), key=lambda c: (c.n_experts, c.d_model, c.n_layers))
+    batch = sweep.train.batch_size
+    benches = {(cfg, path): Bench(cfg, batch) for cfg in shapes for path in PATHS}
+    for (_, path), bench in benches.items():
+        if path == "sdpa":
+            force_sdpa(bench.model)
+        bench.seconds_per_step(2)  # warm-up
+    tick = CLOCKS[clock]
+    peaks: list[float] = []
+    seconds: dict[tuple, list[float]] = {key: [] for key in benches}
+    fraction: dict[tuple, list[float]] = {key: [] for key in benches}
+    for _ in range(repeats):
+        peaks.append(matmul_gflops(clock=tick))
+        for (cfg, path), bench in benches.items():
+            s = bench.seconds_per_step(steps, tick)
+            seconds[cfg, path].append(s)
+            fraction[cfg, path].append(train_flops_per_token(cfg) * batch * cfg.context / s / 1e9 / peaks[-1])
+    peak = statistics.median(peaks)
+    gflops = {path: {cfg: train_flops_per_token(cfg) * batch * cfg.context / statistics.median(seconds[cfg, path])
+                     / 1e9 for cfg in shapes} for path in PATHS}
+    rows = [{"d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_experts": cfg.n_experts, "top_k": cfg.top_k,
+             "head_dim": cfg.head_dim,
+             "batched_attention": batched_attention_wins(cfg.context, cfg.head_dim, cfg.n_heads),
+             "gflops": {path: gflops[path][cfg] for path in PATHS},
+             "peak_fraction": {path: statistics.median(fraction[cfg, path]) for path in PATHS},
+             "speedup": statistics.median(s / a for s, a in zip(seconds[cfg, "sdpa"], seconds[cfg, "auto"],
+                                                                   strict=True))}
+            for cfg in shapes]
+    family = [r for r in rows if r["n_experts"] in family_experts]
+    spent = flops_spent(runs)
+    return {
+        "sweep": sweep.name, "clock": clock, "threads": torch.get_num_threads(), "batch_size": batch,
+        "peak_gflops": peak, "shapes": rows,
+        "family": {"experts": list(family_experts), "shapes": len(family),
+                   "mean_peak_fraction": {path: statistics.mean(r["peak_fraction"][path] for r in family)
+                                          for path in PATHS},
+                   "mean_gflops": {path: statistics.mean(r["gflops"][path] for r in family) for path in PATHS}},
+        "grid": {"points": len(runs), "flops_planned": float(runs["flops"].sum()),
+                 "without_branches": {path: grid_rate(runs, runs["flops"], gflops[path]) for path in PATHS},
+                 "with_branches": None if spent is None else
+                 {"planned_per_spent": float(runs["flops"].sum() / spent.sum()),
+                  **{path: grid_rate(runs, spent, gflops[path]) for path in PATHS}}},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", default=str(DEMO), help="sweep TOML whose plan gives the shapes (the demo)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats (the median is reported)")
+    parser.add_argument("--steps", type=int, default=5, help="training steps per repeat, shape and path")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time, or this thread's CPU time (steadier on a busy machine)")
+    parser.add_argument("--family-experts", default="1,8", help="expert counts the family summary averages")
+    parser.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    args = parser.parse_args()
+    experts = tuple(int(e) for e in args.family_experts.split(","))
+    r = measure(load_sweep(args.sweep), args.repeats, args.steps, args.clock, experts)
+    if args.json:
+        json.dump(r, sys.stdout)
+        print()
+        return
+    print(f"float32 matmul peak (2048², 1 thread, {r['clock']} clock): {r['peak_gflops']:.0f} GFLOP/s")
+    print(f"{'d':>3} {'L':>2} {'E':>2} {'hd':>3} {'path':>7} {'GFLOP/s':>8} {'peak':>5} {'sdpa':>8} {'peak':>5} "
+          f"{'speedup':>7}")
+    for s in r["shapes"]:
+        path = "batched" if s["batched_attention"] else "sdpa"
+        print(f"{s['d_model']:>3} {s['n_layers']:>2} {s['n_experts']:>2} {s['head_dim']:>3} {path:>7} "
+              f"{s['gflops']['auto']:>8.1f} {s['peak_fraction']['auto']:>5.0%} {s['gflops']['sdpa']:>8.1f} "
+              f"{s['peak_fraction']['sdpa']:>5.0%} {s['speedup']:>6.2f}x")
+    fam = r["family"]
+    print(f"family (E in {fam['experts']}, {fam['shapes']} shapes): mean {fam['mean_peak_fraction']['auto']:.0%} of "
+          f"peak ({fam['mean_peak_fraction']['sdpa']:.0%} with SDPA attention)")
+    grid = r["grid"]
+    for name in ("without_branches", "with_branches"):
+        g = grid[name]
+        if g is None:
+            print(f"grid {name.replace('_', ' ')}: the plan has no flops_spent")
+            continue
+        print(f"grid {name.replace('_', ' ')}: {grid['points']} points, {g['auto']['flops']:.3g} FLOPs, "
+              f"{g['auto']['cpu_minutes']:.1f} CPU-min of steps ({g['sdpa']['cpu_minutes']:.1f} with SDPA), "
+              f"{g['auto']['points_per_cpu_minute']:.2f} points per CPU-min")
+
+
+if __name__ == "__main__":
+    main()
