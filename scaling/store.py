@@ -116,7 +116,7 @@ def db_path(path: str | os.PathLike | None = None) -> Path:
 
 
 def connect(path: str | os.PathLike | None = None, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-    """Open (and for writers create or migrate) the store."""
+    """Open (and for writers create) the store; a file of an older schema is migrated first, readers too."""
     path = db_path(path)
     if read_only and not path.exists():
         raise StoreError(f"no results database at {path} (run a sweep first, or pass --db)")
@@ -127,8 +127,10 @@ def connect(path: str | os.PathLike | None = None, read_only: bool = False) -> d
                          "its run files can be read directly meanwhile)") from None
     if not read_only:
         init_schema(con, path)
-    else:
-        check_version(con, path)
+    elif (check_version(con, path) or SCHEMA_VERSION) < SCHEMA_VERSION:
+        con.close()
+        connect(path).close()
+        return connect(path, read_only=True)
     return con
 
 

@@ -15,6 +15,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pandas as pd
 import pytest
@@ -227,10 +228,14 @@ def test_v1_store_migrates_keeping_its_runs(tmp_path):
     db = tmp_path / "store.duckdb"
     with gzip.open(V1_STORE) as src, open(db, "wb") as dst:
         shutil.copyfileobj(src, dst)
-    old = connect(db, read_only=True)  # a read-only open neither migrates nor refuses a v1 file
+    old = duckdb.connect(str(db), read_only=True)
+    assert old.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [("1",)]
     before = old.execute("SELECT run_id, status, flops, final_eval_loss FROM runs ORDER BY run_id").fetchall()
     n_metrics = old.execute("SELECT count(*) FROM metrics").fetchall()[0][0]
     old.close()
+    reader = connect(db, read_only=True)  # `scaling status` on an old file: it is migrated first
+    assert status_tables(reader, "smoke")["counts"].runs.sum() == len(before)
+    reader.close()
     con = connect(db)
     assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [(str(SCHEMA_VERSION),)]
     after = con.execute("SELECT run_id, status, flops, final_eval_loss, role, trunk_id, flops_spent FROM runs "
