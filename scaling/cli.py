@@ -220,8 +220,10 @@ def frozen_options(law: str, pairs: tuple[str, ...]) -> dict:
 
 @cli.command()
 @click.argument("sweep", required=False)
-@click.option("--law", type=click.Choice(["isoflop", "chinchilla", "data-constrained", "sparsity", "envelope"]),
-              required=True)
+@click.option("--law", type=click.Choice(["isoflop", "chinchilla", "data-constrained", "sparsity", "envelope",
+                                          "approach1"]), required=True,
+              help="approach1 (Chinchilla's first method) fits training curves: the sweep's stored curves, or a "
+                   "--csv of curve points (run_id, params, tokens, loss[, flops])")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
               help="fit an external CSV (columns params, active_params, tokens, unique_tokens, sparsity, flops, loss)")
 @click.option("--column", "columns", multiple=True, metavar="OURS=THEIRS",
@@ -239,13 +241,23 @@ def frozen_options(law: str, pairs: tuple[str, ...]) -> dict:
 @click.option("--budget", type=float, default=None, help="FLOP budget C for the compute-optimal answer")
 @click.option("--unique-tokens", type=float, default=None, help="unique-token limit U for the answer")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--holdout-largest", "holdout", type=click.IntRange(min=1), default=None, metavar="K",
+              help="extrapolation check: fit on all but the K largest budgets and predict those runs (not saved)")
 @DB
 @FORMAT
 def fit(sweep: str | None, law: str, csv_path: str | None, columns: tuple[str, ...], where: str | None,
         sparsity: float | None, freeze: tuple[str, ...], bootstrap: int, budget: float | None,
-        unique_tokens: float | None, seed: int, db: str | None, fmt: str) -> None:
+        unique_tokens: float | None, seed: int, holdout: int | None, db: str | None, fmt: str) -> None:
     """Fit a scaling law to a sweep's runs (saved in the store) or to a CSV."""
     from scaling.fitting import fit_frame, fit_sweep, result_table
+
+    if law == "approach1":
+        fit_approach1(sweep, csv_path, columns, where, sparsity, bootstrap, budget, seed, db, fmt)
+        return
+    if holdout is not None:
+        fit_holdout(sweep, law, csv_path, columns, where, sparsity, freeze, bootstrap, budget, unique_tokens,
+                    seed, holdout, db, fmt)
+        return
 
     if columns and not csv_path:
         raise click.UsageError("--column applies to --csv only")
@@ -265,6 +277,136 @@ def fit(sweep: str | None, law: str, csv_path: str | None, columns: tuple[str, .
         emit(result_table(result), fmt, title=f"{law} fit ({result['n_points']} points)")
         for note in result.get("notes", []):
             err(f"note: {note}")
+
+
+@cli.command()
+@click.option("--fit", "fit_id", required=True, help="a saved fit (SELECT fit_id FROM fits)")
+@click.option("--params", "n", type=click.FloatRange(min=0, min_open=True), default=None, help="total params N")
+@click.option("--tokens", "d", type=click.FloatRange(min=0, min_open=True), default=None, help="training tokens D")
+@click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True), default=None, help="sparsity S [default: 0]")
+@click.option("--unique-tokens", "u", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="unique tokens U [default: D, nothing repeated]")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
+              help="predict every row of a CSV with columns params, tokens (optionally sparsity, unique_tokens)")
+@click.option("--bootstrap", type=click.IntRange(min=0), default=200, show_default=True,
+              help="resamples over the fit's runs for the intervals")
+@click.option("--seed", type=int, default=0, show_default=True)
+@DB
+@FORMAT
+def predict(fit_id: str, n: float | None, d: float | None, sparsity: float | None, u: float | None,
+            csv_path: str | None, bootstrap: int, seed: int, db: str | None, fmt: str) -> None:
+    """Predicted loss of a saved fit at new points, with confidence and prediction intervals."""
+    import pandas as pd
+
+    from scaling.predict import POINT_COLUMNS
+    from scaling.predict import predict as predict_points
+
+    if csv_path and (n or d):
+        raise click.UsageError("give --params and --tokens, or --csv, not both")
+    if csv_path:
+        from scaling.fitting import read_points
+
+        points = read_points(csv_path)
+        missing = [c for c in ("params", "tokens") if c not in points]
+        if missing:
+            raise click.BadParameter(f"{csv_path} has no column {', '.join(missing)}", param_hint="--csv")
+        points = points[[c for c in POINT_COLUMNS if c in points]]
+    elif n and d:
+        points = pd.DataFrame({"params": [n], "tokens": [d], "sparsity": [sparsity], "unique_tokens": [u]})
+    else:
+        raise click.UsageError("give --params N and --tokens D (or --csv FILE)")
+    table, notes = predict_points(db, fit_id, points, bootstrap=bootstrap, seed=seed)
+    emit(table, fmt, title=f"predictions of {fit_id}")
+    for note in notes:
+        err(f"note: {note}")
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--sweep", "sweep", required=True, help="name of the external sweep the runs go into")
+@click.option("--column", "columns", multiple=True, metavar="OURS=THEIRS",
+              help="read convention column OURS from the file's column THEIRS (repeatable), as for fit --csv")
+@click.option("--key", default=None, metavar="COLUMN",
+              help="the file's column naming each run [default: a hash of the row's config columns]")
+@click.option("--curves", type=click.Path(dir_okay=False), default=None,
+              help="long-format training curves: run (a --key value), step and/or tokens, loss, optionally lr")
+@click.option("--curve-column", "curve_columns", multiple=True, metavar="OURS=THEIRS",
+              help="read curve column OURS (run, step, tokens, loss, eval_loss, train_loss, lr, wall_s) from "
+                   "THEIRS (repeatable)")
+@DB
+@FORMAT
+def ingest(file: str, sweep: str, columns: tuple[str, ...], key: str | None, curves: str | None,
+           curve_columns: tuple[str, ...], db: str | None, fmt: str) -> None:
+    """Store runs trained elsewhere (CSV, Parquet, JSON Lines) as an external sweep; rerun after the file
+    changes."""
+    from scaling.ingest import ingest_file
+
+    done = ingest_file(db, file, sweep, columns=assignments(columns, "--column", "OURS=THEIRS"), key=key,
+                       curves=curves, curve_columns=assignments(curve_columns, "--curve-column", "OURS=THEIRS"))
+    emit(done.table(), fmt, title=f"sweep {sweep}")
+    for note in done.notes:
+        err(f"note: {note}")
+
+
+def fit_approach1(sweep: str | None, csv_path: str | None, columns: tuple[str, ...], where: str | None,
+                  sparsity: float | None, bootstrap: int, budget: float | None, seed: int, db: str | None,
+                  fmt: str) -> None:
+    """``fit --law approach1``: the lower envelope of the training curves and N*(C) ∝ C^a."""
+    import pandas as pd
+
+    from scaling.approach1 import fit_curves, fit_sweep_curves
+    from scaling.fitting import convention_columns, read_points, result_table
+
+    options = dict(bootstrap=bootstrap, budget=budget, seed=seed)
+    if csv_path:
+        frame = convention_columns(read_points(csv_path, where), assignments(columns, "--column", "OURS=THEIRS"),
+                                   csv_path)
+        if sparsity is not None and "sparsity" in frame:
+            frame = frame[(frame["sparsity"] - sparsity).abs() < 1e-6]
+        result = fit_curves(frame, csv_path, x="active_params" if "active_params" in frame else "params", **options)
+    elif sweep:
+        result = fit_sweep_curves(db, sweep_name(sweep), where, sparsity, **options)
+    else:
+        raise click.UsageError("give a SWEEP (from the store) or --csv PATH")
+    if fmt == "json":
+        emit_json(result)
+        return
+    if fmt == "table":
+        emit(result_table(result), fmt, title=f"approach 1 ({result['n_points']} curve points)")
+    env = pd.DataFrame(result["envelope"])
+    if fmt == "table":  # one row per stretch of budgets with the same best run
+        env = env[env["run_id"] != env["run_id"].shift()]
+    emit(env, fmt, title="lower envelope of the curves")
+    for note in result.get("notes", []):
+        err(f"note: {note}")
+
+
+def fit_holdout(sweep: str | None, law: str, csv_path: str | None, columns: tuple[str, ...], where: str | None,
+                sparsity: float | None, freeze: tuple[str, ...], bootstrap: int, budget: float | None,
+                unique_tokens: float | None, seed: int, k: int, db: str | None, fmt: str) -> None:
+    """``fit --holdout-largest K``: the fit on the smaller budgets, then the held-out runs (csv: those only)."""
+    import pandas as pd
+
+    from scaling.fitting import csv_points, one_sparsity, result_table, sweep_points
+    from scaling.holdout import holdout_fit
+
+    if csv_path:
+        frame = csv_points(csv_path, law, assignments(columns, "--column", "OURS=THEIRS"), where, sparsity)
+    elif sweep:
+        frame = one_sparsity(sweep_points(db, sweep_name(sweep), where, sparsity), law, f"sweep {sweep!r}")
+    else:
+        raise click.UsageError("give a SWEEP (from the store) or --csv PATH")
+    result = holdout_fit(frame, law, k, bootstrap=bootstrap, seed=seed, budget=budget, unique_tokens=unique_tokens,
+                         **frozen_options(law, freeze))
+    runs = pd.DataFrame(result["holdout"]["runs"])
+    if fmt == "json":
+        emit_json(result)
+        return
+    if fmt == "table":
+        emit(result_table(result), fmt, title=f"{law} fit on the smaller budgets ({result['n_points']} points)")
+    emit(runs, fmt, title=f"held-out runs at the {k} largest budget(s)")
+    for note in result.get("notes", []):
+        err(f"note: {note}")
 
 
 @cli.command()

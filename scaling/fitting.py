@@ -16,19 +16,30 @@ ONE_SPARSITY = ("isoflop", "chinchilla", "data-constrained")  # the laws that kn
 
 
 def complete_columns(frame: pd.DataFrame) -> pd.DataFrame:
-    """Fill the column convention's derivable columns: tokens = C/(6N), flops = 6ND, active = total, S = 0."""
+    """Fill the column convention's derivable columns: active = total, tokens = C/(6·N_active),
+    flops = 6·N_active·D (Kaplan et al. 2020, Hoffmann et al. 2022), S = 0."""
     frame = frame.copy()
-    if "tokens" not in frame and {"flops", "params"} <= set(frame):
-        frame["tokens"] = frame["flops"] / (6 * frame["params"])
-    if "flops" not in frame and {"tokens", "params"} <= set(frame):
-        frame["flops"] = 6 * frame["params"] * frame["tokens"]
     if "active_params" not in frame and "params" in frame:
         frame["active_params"] = frame["params"]
+    if "tokens" not in frame and {"flops", "active_params"} <= set(frame):
+        frame["tokens"] = frame["flops"] / (6 * frame["active_params"])
+    if "flops" not in frame and {"tokens", "active_params"} <= set(frame):
+        frame["flops"] = 6 * frame["active_params"] * frame["tokens"]
     if "sparsity" not in frame:
         frame["sparsity"] = 0.0
     if "run_id" not in frame:
         frame["run_id"] = [f"row{i}" for i in range(len(frame))]
     return frame
+
+
+def convention_columns(frame: pd.DataFrame, columns: dict[str, str] | None, source: str | Path) -> pd.DataFrame:
+    """``frame`` with each convention column OURS assigned from the file's column THEIRS (``columns``: OURS →
+    THEIRS, from ``--column OURS=THEIRS``); a THEIRS the file lacks is a FitError."""
+    missing = [theirs for theirs in (columns or {}).values() if theirs not in frame]
+    if missing:
+        raise FitError(f"{source} has no column {', '.join(map(repr, missing))} "
+                       f"(columns: {', '.join(map(str, frame.columns))})")
+    return frame.assign(**{ours: frame[theirs] for ours, theirs in (columns or {}).items()})
 
 
 def read_points(csv_path: str | Path, where: str | None = None) -> pd.DataFrame:
@@ -57,18 +68,13 @@ def query(con: duckdb.DuckDBPyConnection, sql: str, args: list, where: str | Non
         raise FitError(f"--where {where!r}: {str(e).splitlines()[0]}") from None
 
 
-def fit_frame(csv_path: str | Path, law: str, columns: dict[str, str] | None = None, where: str | None = None,
-              sparsity: float | None = None, **options: Any) -> dict[str, Any]:
-    """Fit a law to an external CSV with the shared column convention.
+def csv_points(csv_path: str | Path, law: str, columns: dict[str, str] | None = None, where: str | None = None,
+               sparsity: float | None = None) -> pd.DataFrame:
+    """An external CSV's points in the shared column convention.
 
     ``columns`` maps convention names to the CSV's own (``{"loss": "val_loss"}``) for files exported elsewhere;
     ``where`` keeps the rows matching a SQL condition on the CSV's own columns; ``sparsity`` keeps one S."""
-    frame = read_points(csv_path, where)
-    missing = [theirs for theirs in (columns or {}).values() if theirs not in frame]
-    if missing:
-        raise FitError(f"{csv_path} has no column {', '.join(map(repr, missing))} "
-                       f"(columns: {', '.join(frame.columns)})")
-    frame = frame.assign(**{ours: frame[theirs] for ours, theirs in (columns or {}).items()})
+    frame = convention_columns(read_points(csv_path, where), columns, csv_path)
     if "loss" not in frame:
         raise FitError(f"{csv_path} has no 'loss' column (columns: {', '.join(frame.columns)})")
     frame = complete_columns(frame)
@@ -78,7 +84,13 @@ def fit_frame(csv_path: str | Path, law: str, columns: dict[str, str] | None = N
             raise FitError(f"{csv_path} has no rows at sparsity {sparsity:g} "
                            f"(it has {levels(frame['sparsity'])})")
         frame = kept
-    return fit_law(one_sparsity(frame, law, csv_path), law, **options)
+    return one_sparsity(frame, law, csv_path)
+
+
+def fit_frame(csv_path: str | Path, law: str, columns: dict[str, str] | None = None, where: str | None = None,
+              sparsity: float | None = None, **options: Any) -> dict[str, Any]:
+    """Fit a law to an external CSV with the shared column convention (see ``csv_points``)."""
+    return fit_law(csv_points(csv_path, law, columns, where, sparsity), law, **options)
 
 
 def levels(sparsity: pd.Series) -> str:
@@ -130,6 +142,7 @@ def fit_sweep(db: str | None, sweep: str, law: str, where: str | None = None, sp
     """Fit a law to a sweep's finished runs (optionally selected) and save it in the ``fits`` table."""
     frame = one_sparsity(sweep_points(db, sweep, where, sparsity), law, f"sweep {sweep!r}")
     result = fit_law(frame, law, **options)
+    result["options"] = {k: options[k] for k in ("frozen", "l_inf") if k in options}  # to refit it (predict)
     con = connect(db)
     try:
         save_fit(con, sweep, result, selection=points_sql(where, sparsity, literal(sweep)))

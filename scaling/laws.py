@@ -538,6 +538,11 @@ class _Parametric(Law):
             raise FitError(f"{self.name} is not fitted yet")
         return self._predict(self._theta, self._data(frame, with_loss=False))
 
+    def predict_with(self, frame: pd.DataFrame, params: dict[str, float]) -> np.ndarray:
+        """Predicted loss per row under given values of the parameters (public names: a saved fit's, or a
+        bootstrap resample's); needs no fit."""
+        return self._predict(self._internal(params), self._data(frame, with_loss=False))
+
     # names and transforms
     def _internal(self, public: dict[str, float]) -> np.ndarray:
         with np.errstate(divide="ignore"):  # a coefficient that underflowed to 0: a term of −inf, no term

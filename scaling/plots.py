@@ -683,6 +683,23 @@ def similarity_plot(frame: pd.DataFrame | None) -> ggplot | None:
     return plot
 
 
+def holdout_plot(runs: pd.DataFrame | None, title: str = "") -> ggplot | None:
+    """Extrapolation check (``scaling.holdout``): each held-out run's predicted against observed loss, with its
+    prediction interval, coloured by budget; on the dashed diagonal the law is exact."""
+    data = usable(runs, ["observed", "predicted", "pi_lo", "pi_hi", "budget"])
+    if data is None:
+        return None
+    data = data.assign(budget=[sci(b) for b in data["budget"]])
+    span = [min(data["observed"].min(), data["pi_lo"].min()), max(data["observed"].max(), data["pi_hi"].max())]
+    return (ggplot(data, aes("observed", "predicted", color="budget"))
+            + geom_line(aes("x", "y"), data=pd.DataFrame({"x": span, "y": span}), color="#888888",
+                        linetype="dashed", inherit_aes=False)
+            + geom_errorbar(aes(ymin="pi_lo", ymax="pi_hi"), width=1e-9) + geom_point(size=2)
+            + scale_color_manual(values=categorical(data["budget"].nunique()))
+            + style(size=(6.0, 5.0))
+            + labs(x=f"observed {LOSS}", y=f"predicted {LOSS}", color="held-out budget C", title=title))
+
+
 # ---------------------------------------------------------------------------------------------- output
 
 

@@ -26,7 +26,9 @@ import pandas as pd
 from scaling import plots
 from scaling.bootstrap import percentile_intervals
 from scaling.branches import savings_note
+from scaling.holdout import holdout_fit
 from scaling.laws import LAWS, FitError, Law, summarize
+from scaling.predict import formula, parametric
 from scaling.store import StoreError, connect, db_path, literal, runs_frame, save_fit
 
 RUNS_SQL = """SELECT s.budget, r.run_id, r.status, r.sparsity, r.n_experts, r.top_k, r.params, r.active_params,
@@ -44,6 +46,7 @@ FROM router_stats x JOIN runs r USING (run_id) JOIN sweep_runs s USING (run_id)
 WHERE s.sweep = {sweep} AND r.status = 'ok'"""
 SELECTION_SQL = "SELECT * FROM isoflop_points WHERE sweep = {sweep} AND loss IS NOT NULL"
 FIT_SQL = "SELECT parameter, value, ci_lo, ci_hi FROM fit_params WHERE fit_id = {fit_id} ORDER BY parameter"
+HOLDOUT_BOOTSTRAP = 50  # resamples for the extrapolation check's prediction intervals (at most the report's)
 RUN_COLUMNS = {"budget": "budget C", "run_id": "run", "status": "status", "sparsity": "S", "n_experts": "E",
                "top_k": "k", "params": "params", "active_params": "active params", "tokens": "tokens D",
                "epochs": "epochs", "seed": "seed", "final_eval_loss": "final eval loss"}
@@ -62,6 +65,8 @@ class Fit:
     error: str | None = None
     fit_id: str | None = None
     stored: pd.DataFrame | None = None
+    frame: pd.DataFrame | None = None
+    holdout: dict[str, Any] | str | None = None  # the extrapolation check (``scaling.holdout``), or why not
 
     @property
     def table(self) -> pd.DataFrame:
@@ -183,6 +188,7 @@ def run_fit(fit: Fit, frame: pd.DataFrame, bootstrap: int, budget: float, unique
             **options: Any) -> Fit:
     """Fit one law (``scaling.laws.LAWS``) with ``bootstrap`` resamples over runs; a failure is recorded on the
     fit, never raised."""
+    fit.frame = frame
     try:
         if frame.empty:
             raise FitError("no finished runs to fit")
@@ -284,6 +290,39 @@ def r_d_star(fit: Fit | None) -> float | None:
     return None if fit is None or fit.model is None else fit.model.params_.get("R_D_star")
 
 
+def check_extrapolation(fits: list[Fit], bootstrap: int) -> None:
+    """Each fitted parametric law refitted without its largest budget, predicting those runs (``fit.holdout``)."""
+    for fit in fits:
+        if fit.model is None or not parametric(fit.law):
+            continue
+        try:
+            fit.holdout = holdout_fit(fit.frame, fit.law, 1, bootstrap=min(bootstrap, HOLDOUT_BOOTSTRAP))
+        except FitError as e:
+            fit.holdout = str(e)
+        except Exception as e:  # like run_fit: one failing check must not cost the report
+            fit.holdout = f"unexpected {type(e).__name__}: {e}"
+
+
+def holdout_specs(fits: list[Fit]) -> list[tuple[str, str, Callable[[], Any], str]]:
+    """One extrapolation figure per parametric law that was checked."""
+    specs = []
+    for fit in fits:
+        if fit.holdout is None:
+            continue
+        check = fit.holdout if isinstance(fit.holdout, dict) else {}
+        summary = check.get("holdout", {}).get("summary", {})
+        text = (f"mean error {summary['mean_abs_error']:.3g} nats (max {summary['max_abs_error']:.3g}), "
+                f"{summary['mean_error_fraction']:.0%} of the loss above the law's floor; "
+                f"{summary['level']:.0%} prediction intervals cover {summary['coverage']:.0%}") if summary else ""
+        runs = pd.DataFrame(check.get("holdout", {}).get("runs", []))
+        specs.append((f"holdout_{fit.law}", f"Extrapolation check, {fit.title}: fitted without the largest budget, "
+                      f"predicted against observed loss of its runs with prediction intervals; {text}.",
+                      lambda runs=runs, law=fit.law: plots.holdout_plot(runs if len(runs) else None,
+                                                                        f"{law}: the largest budget predicted"),
+                      fit.holdout if isinstance(fit.holdout, str) else "no held-out runs"))
+    return specs
+
+
 def named(fits: list[Fit], law: str) -> Fit | None:
     return next((f for f in fits if f.law == law), None)
 
@@ -317,9 +356,9 @@ def draw(data: SweepData, fits: list[Fit], unique_tokens: float, folder: Path) -
          "half a new one (1 + R_D*·ln 2 epochs).",
          lambda: plots.epochs_plot(points, repetition_frame(named(fits, "data-constrained"), points,
                                                             unique_tokens), r_d_star(named(fits, "data-constrained"))),
-         "no finished runs"),
+         "no finished runs with a unique-token count (epochs)"),
         ("gap", "Final eval minus final train loss against epochs: how much repetition overfits, by sparsity.",
-         lambda: plots.gap_plot(data.finals), "no finished runs"),
+         lambda: plots.gap_plot(data.finals), "no finished runs with both a final train and eval loss and epochs"),
         ("curves", "Eval loss during training at the largest budget against tokens and against wall-clock time.",
          lambda: plots.curves_plot(data.curves), "no logged eval losses"),
         ("router_load", "Load per expert and layer over training (1 = balanced), one run per sparsity.",
@@ -330,6 +369,7 @@ def draw(data: SweepData, fits: list[Fit], unique_tokens: float, folder: Path) -
          f"95% bootstrap bands over eval positions; {data.similarity_note}).",
          lambda: plots.similarity_plot(data.similarity), data.similarity_note),
     ]
+    specs += holdout_specs(fits)
     figures = []
     for name, caption, make, reason in specs:
         figure = Figure(name, caption)
@@ -504,9 +544,21 @@ def fit_html(fit: Fit, sweep: str) -> str:
              f"-- not saved in the store; from a save it would be:\n{FIT_SQL.format(fit_id=literal('...'))}")
     sel = html.escape(sql(fit.selection, sweep))
     notes = "".join(f"<li>{html.escape(note)}</li>" for note in (fit.result or {}).get("notes", []))
-    return (f"<div>{title}<p class=meta>{n} points; selection: <code>{sel}</code></p>"
+    law = formula(fit.law, (fit.result or {}).get("params", {})) if parametric(fit.law) else None
+    law_html = f"<p class=meta>fitted: <code>{html.escape(law)}</code></p>" if law else ""
+    return (f"<div>{title}<p class=meta>{n} points; selection: <code>{sel}</code></p>{law_html}"
             f"{html_table(fit.table if fit.stored is None else fit.stored, query)}"
             f"{f'<ul class=notes>{notes}</ul>' if notes else ''}</div>")
+
+
+def external_note(config: dict[str, Any]) -> list[str]:
+    """For a sweep of runs trained elsewhere (``scaling ingest``): where they came from and what they lack."""
+    if config.get("source") != "external":
+        return []
+    curves = "" if config.get("curves") else ", training curves (none were ingested)"
+    return [f"<p class=meta>External sweep ingested from {html.escape(str(config.get('file')))}: its runs have no "
+            f"run files, so there are no router statistics or per-token losses{curves}; figures and laws without "
+            "the data they need say so in their place.</p>"]
 
 
 def page(sweep: str, db: str | None, data: SweepData, fits: list[Fit], figures: list[Figure], result: dict[str, Any],
@@ -523,6 +575,7 @@ def page(sweep: str, db: str | None, data: SweepData, fits: list[Fit], figures: 
         f"<p class=meta>{len(data.runs)} runs ({html.escape(status)}); store {html.escape(str(db_path(db)))}; "
         f"{bootstrap} bootstrap resamples over runs; generated {generated}.</p>",
         *([f"<p class=meta>{html.escape(saved)}.</p>"] if (saved := savings_note(data.runs)) else []),
+        *external_note(data.config),
         f'<p class="answer">{html.escape(result["sentence"])}</p>',
         "<h2>Flags</h2>", flag_html,
         "<h2>Figures</h2>", *[figure_html(f) for f in figures],
@@ -547,9 +600,11 @@ def write_report(db: str | None, sweep: str, out: Path, bootstrap: int = 200) ->
     data = read_sweep(db, sweep, bootstrap)
     budgets = data.config.get("budgets") or sorted(data.points["budget"].unique())
     budget = float(max(budgets)) if len(budgets) else math.nan
-    unique_tokens = float(data.config.get("unique_tokens") or data.points["unique_tokens"].max())
+    limit = data.config.get("unique_tokens") or data.points["unique_tokens"].max()
+    unique_tokens = float(limit) if pd.notna(limit) else math.nan  # external sweeps may not say
     fits = fit_all(data, bootstrap, budget, unique_tokens)
     save_error = save_fits(db, sweep, fits)
+    check_extrapolation(fits, bootstrap)
     figures = draw(data, fits, unique_tokens, out / "figures")
     result = answer(fits, budget, unique_tokens)
     notes = flags(data, fits, save_error)

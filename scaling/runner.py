@@ -276,9 +276,12 @@ def status_tables(con: duckdb.DuckDBPyConnection, sweep: str | None) -> dict[str
                          f"({'sweeps: ' + ', '.join(known) if known else 'it has no sweeps yet'})")
     where, args = ("WHERE s.sweep = ?", [sweep]) if sweep else ("", [])
     base = f"FROM runs r JOIN sweep_runs s USING (run_id) {where}"
-    savings = con.execute(f"""SELECT s.sweep, count(*) FILTER (r.role = 'trunk') AS trunks,
-        count(*) FILTER (r.role <> 'trunk') AS points, sum(r.flops) FILTER (r.role <> 'trunk') AS flops,
-        sum(r.flops_spent) AS flops_spent, sum(r.flops_spent) / sum(r.flops) FILTER (r.role <> 'trunk') AS spent_frac
+    branched = con.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = 'runs' "
+                           "AND column_name = 'role'").fetchall()[0][0]  # a reader of an older file: no branches
+    savings = pd.DataFrame() if not branched else con.execute(f"""
+        SELECT s.sweep, count(*) FILTER (r.role = 'trunk') AS trunks, count(*) FILTER (r.role <> 'trunk') AS points,
+            sum(r.flops) FILTER (r.role <> 'trunk') AS flops, sum(r.flops_spent) AS flops_spent,
+            sum(r.flops_spent) / sum(r.flops) FILTER (r.role <> 'trunk') AS spent_frac
         {base} GROUP BY s.sweep HAVING count(*) FILTER (r.role = 'branch') > 0 ORDER BY s.sweep""", args).df()
     return {
         "counts": con.execute(f"SELECT s.sweep, r.status, count(*) AS runs, sum(r.flops) AS flops {base} "

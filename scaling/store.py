@@ -21,7 +21,7 @@ import pandas as pd
 
 from scaling.config import SweepConfig
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DEFAULT_DB = "scaling.duckdb"
 
 
@@ -39,6 +39,7 @@ RUN_COLUMNS = {
     "final_train_loss": "DOUBLE", "final_eval_loss": "DOUBLE", "tokens_seen": "BIGINT", "epochs_done": "DOUBLE",
     "diverged_step": "INTEGER", "wall_s": "DOUBLE", "train_s": "DOUBLE", "tokens_per_s": "DOUBLE",
     "flops_per_s": "DOUBLE", "started_at": "TIMESTAMP", "finished_at": "TIMESTAMP", "ingested_at": "TIMESTAMP",
+    "source": "VARCHAR DEFAULT 'trained'",
     "role": "VARCHAR DEFAULT 'run'", "trunk_id": "VARCHAR", "flops_spent": "DOUBLE",
 }
 PLANNED = ["flops", "flops_6nd", "params", "active_params", "embedding_params", "sparsity", "param_sparsity",
@@ -65,6 +66,17 @@ CREATE TABLE IF NOT EXISTS fits (fit_id VARCHAR PRIMARY KEY, sweep VARCHAR, law 
 CREATE TABLE IF NOT EXISTS fit_values (fit_id VARCHAR, parameter VARCHAR, value DOUBLE, ci_lo DOUBLE,
     ci_hi DOUBLE, PRIMARY KEY (fit_id, parameter));
 """
+
+MIGRATIONS: dict[int, list[str]] = {
+    2: ["ALTER TABLE runs ADD COLUMN source VARCHAR DEFAULT 'trained'"],
+    3: ["ALTER TABLE runs ADD COLUMN role VARCHAR DEFAULT 'run'", "ALTER TABLE runs ADD COLUMN trunk_id VARCHAR",
+        "ALTER TABLE runs ADD COLUMN flops_spent DOUBLE", "UPDATE runs SET role = 'run', flops_spent = flops"],
+}
+"""SQL bringing a file of the previous version up to each version; a writer applies the missing ones in order, in
+one transaction, when it opens an older file. Version 2:
+``runs.source`` ('trained', or the file an external run was ingested from). Version 3: trunks and cooldown branches,
+``runs.role`` (run, trunk or branch), ``trunk_id`` and ``flops_spent``; every run stored before was a dedicated
+run, so it spent what it represents."""
 
 VIEWS = {
     "final_losses": """
@@ -116,7 +128,7 @@ def db_path(path: str | os.PathLike | None = None) -> Path:
 
 
 def connect(path: str | os.PathLike | None = None, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-    """Open (and for writers create) the store; a file of an older schema is migrated first, readers too."""
+    """Open (and for writers create or migrate) the store."""
     path = db_path(path)
     if read_only and not path.exists():
         raise StoreError(f"no results database at {path} (run a sweep first, or pass --db)")
@@ -127,10 +139,8 @@ def connect(path: str | os.PathLike | None = None, read_only: bool = False) -> d
                          "its run files can be read directly meanwhile)") from None
     if not read_only:
         init_schema(con, path)
-    elif (check_version(con, path) or SCHEMA_VERSION) < SCHEMA_VERSION:
-        con.close()
-        connect(path).close()
-        return connect(path, read_only=True)
+    else:
+        check_version(con, path)
     return con
 
 
@@ -141,34 +151,23 @@ def init_schema(con: duckdb.DuckDBPyConnection, path: Path) -> None:
         con.close()
         raise StoreError(f"{path} is a DuckDB file of something else (tables: {', '.join(sorted(tables)[:5])}), "
                          "not a scaling results database: pass another --db")
+    version = check_version(con, path) if tables else None
+    if version is not None and version < SCHEMA_VERSION:
+        migrate(con, version)
     con.execute(SCHEMA)
-    version = check_version(con, path)
     if version is None:
         con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
-    elif version < SCHEMA_VERSION:
-        migrate(con, version)
     for name, sql in VIEWS.items():
         con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
 
 
-def add_branch_columns(con: duckdb.DuckDBPyConnection) -> None:
-    """Version 2, trunks and cooldown branches: ``runs.role`` (run, trunk or branch), ``trunk_id`` and
-    ``flops_spent``. Every run stored before was a dedicated run, so it spent what it represents."""
-    con.execute("ALTER TABLE runs ADD COLUMN IF NOT EXISTS role VARCHAR DEFAULT 'run'")
-    con.execute("ALTER TABLE runs ADD COLUMN IF NOT EXISTS trunk_id VARCHAR")
-    con.execute("ALTER TABLE runs ADD COLUMN IF NOT EXISTS flops_spent DOUBLE")
-    con.execute("UPDATE runs SET role = coalesce(role, 'run'), flops_spent = coalesce(flops_spent, flops)")
-
-
-MIGRATIONS = {2: add_branch_columns}  # schema version -> the step from the version before
-
-
 def migrate(con: duckdb.DuckDBPyConnection, version: int) -> None:
-    """Bring a file of schema ``version`` up to ``SCHEMA_VERSION``, one step at a time, in one transaction."""
+    """Apply ``MIGRATIONS`` after ``version`` in one transaction (all or nothing) and record the new version."""
     con.execute("BEGIN")
     try:
         for step in range(version + 1, SCHEMA_VERSION + 1):
-            MIGRATIONS[step](con)
+            for statement in MIGRATIONS[step]:
+                con.execute(statement)
         con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
         con.execute("COMMIT")
     except Exception:
@@ -283,8 +282,9 @@ def insert_rows(con: duckdb.DuckDBPyConnection, table: str, run_id: str, rows: l
 
 def ingest_all(con: duckdb.DuckDBPyConnection, sweep: str | None = None) -> dict[str, int]:
     """Ingest every known run directory that has files newer than the store's copy; counts by status."""
-    where = "WHERE run_id IN (SELECT run_id FROM sweep_runs WHERE sweep = ?)" if sweep else ""
-    rows = con.execute(f"SELECT run_dir, ingested_at FROM runs {where}", [sweep] if sweep else []).fetchall()
+    where = "AND run_id IN (SELECT run_id FROM sweep_runs WHERE sweep = ?)" if sweep else ""
+    rows = con.execute(f"SELECT run_dir, ingested_at FROM runs WHERE run_dir IS NOT NULL {where}",  # not external
+                       [sweep] if sweep else []).fetchall()
     counts: dict[str, int] = {}
     for run_dir, ingested_at in rows:
         result = Path(run_dir) / "result.json"
