@@ -71,7 +71,7 @@ def grid(sweep_file: str, fmt: str, dropped: bool) -> None:
 @click.option("--one", "one", default=None, help="train a single run from a JSON RunSpec (no store)")
 @click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="local worker processes (each gets cores/workers threads)")
+              help="local worker processes (each run uses its train.threads, 1 unless the sweep says)")
 @click.option("--max-parallel", type=click.IntRange(min=1), default=None, help="slurm: array jobs running at once")
 @click.option("--partition", default=None, help="slurm partition")
 @click.option("--time-min", type=click.IntRange(min=1), default=None, help="slurm time limit per run (minutes)")

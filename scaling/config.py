@@ -104,7 +104,7 @@ class TrainConfig:
     first_checkpoint_step: int = 16
     log_every: int = 10
     save_every: int = 200
-    threads: int = 0
+    threads: int = 1  # CPU threads of the run: part of its spec, since losses depend on it
     warmup_steps: int = 0  # > 0: warmup in steps, overriding warmup_frac (trunks and their branches share it)
     decay_shape: str = "linear"  # the wsd cooldown: "linear" or "sqrt" (1 - sqrt, Hägele et al. 2024)
 
@@ -121,9 +121,12 @@ class TrainConfig:
             raise ConfigError("train.warmup_frac, min_lr_frac and decay_frac must be fractions in [0, 1]")
         if not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
             raise ConfigError(f"train.beta1 and beta2 must lie in [0, 1), got {self.beta1}, {self.beta2}")
-        for name in ("weight_decay", "threads", "warmup_steps"):
+        for name in ("weight_decay", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.threads < 1:
+            raise ConfigError(f"train.threads must be at least 1 (a run's thread count is part of its spec), got "
+                              f"{self.threads}")
         if self.grad_clip <= 0:
             raise ConfigError(f"train.grad_clip must be positive, got {self.grad_clip}")
 
@@ -197,14 +200,25 @@ V1_FIELDS = {
 }
 
 
+# Spec version 1 wrote train.threads = 0 ("cores / workers, decided at run time"): ids did not say how many threads
+# a run used, though its losses depend on it. Now the count is part of the spec (at least 1) and one thread hashes
+# as version 1's 0, so that runs trained with one thread keep their ids; the store's migration (``store.
+# resolve_threads``) re-keys the stored runs that ran with more, so that no stored id is ambiguous.
+V1_ONE_THREAD = 0
+
+
 def canonical_spec(spec: RunSpec) -> dict[str, Any]:
-    """``spec.to_dict()`` without the fields added after spec version 1 that sit at their defaults."""
+    """``spec.to_dict()`` without the fields added after spec version 1 that sit at their defaults (and one
+    thread written as version 1 wrote it, ``V1_ONE_THREAD``)."""
 
     def trim(obj: Any, section: str) -> dict[str, Any]:
         return {f.name: getattr(obj, f.name) for f in fields(obj)
                 if f.name in V1_FIELDS[section] or getattr(obj, f.name) != f.default}
 
-    out = {**trim(spec, "run"), "model": trim(spec.model, "model"), "train": trim(spec.train, "train")}
+    train = trim(spec.train, "train")
+    if train["threads"] == 1:
+        train["threads"] = V1_ONE_THREAD
+    out = {**trim(spec, "run"), "model": trim(spec.model, "model"), "train": train}
     if SPEC_VERSION > 1:
         out["spec_version"] = SPEC_VERSION
     return out

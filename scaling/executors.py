@@ -109,8 +109,8 @@ def available_cpus() -> int:
 
 
 def limit_threads(threads: int) -> None:
-    """Tell this process's task how many threads to use: ``SCALING_THREADS`` (which the trainer reads when the
-    spec says ``train.threads = 0``), the OpenMP/MKL variables, and torch itself if it is already imported."""
+    """Set this process's thread count: ``SCALING_THREADS``, the OpenMP/MKL variables, and torch itself if it is
+    already imported (the trainer then sets the spec's ``train.threads``)."""
     for var in THREAD_VARS:
         os.environ[var] = str(threads)
     torch = sys.modules.get("torch")
@@ -174,6 +174,7 @@ class LocalHandle:
         self.task = task
         self.payload = payload
         self.process: subprocess.Popen | None = None
+        self.started = False  # whether a worker process ever ran the task (not: its run directory was unusable)
         self.cancelled = False
         self._outcome: Outcome | None = None
         self._done = threading.Event()
@@ -203,11 +204,12 @@ class LocalExecutor:
     reference when importable: workers get the driver's own ``sys.path`` entries). A background thread starts
     queued tasks as slots free up.
 
-    Each worker gets ``max(1, cpus // workers)`` threads (``SCALING_THREADS``, ``OMP_NUM_THREADS``,
-    ``MKL_NUM_THREADS``). Workers run in their own session, so a Ctrl-C at the terminal reaches only the
-    driver, which calls ``shutdown(cancel=True)``: SIGTERM to each worker's process group, SIGKILL after
-    ``grace_s``. If the driver itself is killed, running workers go on to finish their run (and the next
-    driver finds its files).
+    Each worker gets its run's ``train.threads`` (``SCALING_THREADS``, ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``;
+    a task without one, ``max(1, cpus // workers)``): the thread count is part of the run, never of ``workers``.
+    Workers run in their own session, so a Ctrl-C at the terminal reaches only the driver, which calls
+    ``shutdown(cancel=True)``: SIGTERM to each worker's process group, SIGKILL after ``grace_s``.
+    If the driver itself is killed, running workers go on to finish their run (and the next driver finds its
+    files).
     """
 
     def __init__(self, workers: int = 1, fn: TaskFn = execute, grace_s: float = 10.0,
@@ -304,17 +306,19 @@ class LocalExecutor:
             except Exception as exc:
                 handle.finish(None, f"could not start a worker process: {describe(exc)}")
                 continue
+            handle.started = True
             self._running.append(handle)
 
     def _start(self, handle: LocalHandle) -> subprocess.Popen:
         task = handle.task
         log = Path(task.run_dir) / LOG_NAME
         log.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **{var: str(self.threads) for var in THREAD_VARS}, "PYTHONUNBUFFERED": "1",
+        threads = int(task.spec.get("train", {}).get("threads") or self.threads)
+        env = {**os.environ, **{var: str(threads) for var in THREAD_VARS}, "PYTHONUNBUFFERED": "1",
                "PYTHONPATH": worker_path()}
         with open(log, "ab") as out:
             now = time.strftime("%Y-%m-%d %H:%M:%S")
-            out.write(f"=== {now} run {task.run_id}: worker with {self.threads} threads\n".encode())
+            out.write(f"=== {now} run {task.run_id}: worker with {threads} threads\n".encode())
             out.flush()
             return subprocess.Popen([sys.executable, "-c", WORKER_COMMAND, str(handle.payload),
                                      str(handle.payload.with_suffix(".out"))],

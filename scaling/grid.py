@@ -137,7 +137,7 @@ def describe(budget: float, variant: Variant, cfg: ModelConfig, target: float) -
 
 COLUMNS = ["run_id", "budget", "flops", "flops_6nd", "params", "active_params", "embedding_params",
            "sparsity", "param_sparsity", "n_experts", "top_k", "d_model", "n_layers", "n_heads", "lr", "steps",
-           "tokens", "unique_tokens", "epochs", "seed", "role", "trunk_id", "flops_spent", "spec"]
+           "tokens", "unique_tokens", "epochs", "seed", "threads", "role", "trunk_id", "flops_spent", "spec"]
 
 
 def row_for(spec: RunSpec, budget: float) -> dict:
@@ -152,7 +152,7 @@ def row_for(spec: RunSpec, budget: float) -> dict:
         "param_sparsity": param_sparsity(cfg), "n_experts": cfg.n_experts, "top_k": cfg.top_k,
         "d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "lr": spec.train.lr,
         "steps": spec.steps, "tokens": spec.tokens, "unique_tokens": spec.unique_tokens,
-        "epochs": spec.tokens / spec.unique_tokens, "seed": spec.seed, "spec": spec,
+        "epochs": spec.tokens / spec.unique_tokens, "seed": spec.seed, "threads": spec.train.threads, "spec": spec,
     }
 
 

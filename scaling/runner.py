@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import fcntl
 import json
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from scaling.branches import blocked_on, trained_flops
 from scaling.config import SweepConfig
 from scaling.executors import Executor, Handle, Task
 from scaling.grid import plan
+from scaling.runfiles import DamagedRunFile, read_finished
 from scaling.store import StoreError, connect, db_path, ingest_all, ingest_run, mark, register_plan
 
 DEFAULT_FLOPS_PER_S = 1e10  # one small-model worker on a laptop-class CPU core (measured: 0.9-2.6e10)
@@ -34,12 +37,41 @@ def execute_locked(spec: dict, run_dir: str) -> dict:
     path.mkdir(parents=True, exist_ok=True)
     with open(path / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        result = path / "result.json"
-        if result.exists():
-            done = json.loads(result.read_text())
-            if done.get("status") in ("ok", "diverged"):
-                return {k: v for k, v in done.items() if k not in ("metrics", "router")}
+        try:
+            done, _ = read_finished(path, spec.get("run_id"))
+        except (FileNotFoundError, DamagedRunFile):  # unfinished, or damaged: the driver sets it aside
+            done = {}
+        if done.get("status") in ("ok", "diverged"):
+            return {k: v for k, v in done.items() if k not in ("metrics", "router")}
         return execute(spec, run_dir)
+
+
+class CtrlC:
+    """The driver's Ctrl-C while a sweep runs: the first SIGINT only sets ``requested``, which the driver checks
+    between steps, so it is honoured wherever it lands; a second one raises ``KeyboardInterrupt``.
+
+    Why not Python's default handler: (1) a process started with SIGINT ignored keeps it ignored, and a shell
+    script's background job (``cmd &``) is started so: such a sweep trained to the end through Ctrl-C; (2) a
+    KeyboardInterrupt raised while DuckDB runs a query becomes DuckDB's ``RuntimeError("Query interrupted")`` or a
+    UDF error, not a KeyboardInterrupt. Installed only in the main thread (the only one Python delivers to)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: object = None
+
+    def __enter__(self) -> CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 CONTINUED = ("running", "interrupted")  # a resubmitted run in these states continues its attempt
@@ -123,32 +155,43 @@ def run_sweep(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, executor: Exec
     and the runs still in flight are marked ``interrupted``. ``on_update`` receives progress events:
     {"event": "start"|"done"|"tick", ...}.
     """
-    try:
-        runs = prepare(con, sweep, runs_dir)
-    except KeyboardInterrupt:  # before anything was submitted: the plan's transaction is rolled back
-        rollback(con)
-        return SweepOutcome(interrupted=True)
+    with CtrlC() as ctrl_c:
+        try:
+            runs = prepare(con, sweep, runs_dir)
+        except KeyboardInterrupt:  # before anything was submitted: the plan's transaction is rolled back
+            rollback(con)
+            return SweepOutcome(interrupted=True)
+        if ctrl_c.requested:
+            return SweepOutcome(interrupted=True)
+        return train_all(con, sweep, runs, executor, retries, on_update or (lambda event: None), poll_s, ctrl_c)
+
+
+def train_all(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, runs: pd.DataFrame, executor: Executor,
+              retries: int, notify: Callable[[dict], None], poll_s: float, ctrl_c: CtrlC) -> SweepOutcome:
+    """``run_sweep`` once the plan is stored: submit, collect and retry until done or Ctrl-C."""
     todo = runs_to_do(con, sweep.name, retries)
     skipped = count_status(con, sweep.name, ("ok", "diverged"))
     outcome = SweepOutcome(skipped=skipped, exhausted=len(runs) - len(todo) - skipped)
-    notify = on_update or (lambda event: None)
     total_flops = float(runs.flops.sum())
     done_flops = total_flops - float(todo.flops.sum())
     notify({"event": "start", "total": len(runs), "done": len(runs) - len(todo), "total_flops": total_flops,
             "done_flops": done_flops, "todo": todo})
     rows = {row["run_id"]: row for row in todo.to_dict("records")}
     attempts = {run_id: int(row["attempts"]) for run_id, row in rows.items()}  # as in the store
+    counted: dict[str, bool] = {}  # whether a run's last submission counted as an attempt
     handles: list[Handle] = []
     try:
         handles = attach(executor, [rows[r] for r in rows if rows[r]["status"] == "running"])
         attached = {h.task.run_id for h in handles}
         waiting = {r: path for r, row in rows.items() if r not in attached and (path := blocked(row))}
         handles += submit(con, executor, [row for r, row in rows.items() if r not in attached and r not in waiting],
-                          attempts)
-        while handles or waiting:
+                          attempts, counted)
+        while (handles or waiting) and not ctrl_c.requested:
             time.sleep(poll_s)
             notify({"event": "tick", "running": [h.task for h in handles]})
             for handle in list(handles):
+                if ctrl_c.requested:
+                    break
                 if not handle.done():
                     continue
                 task = handle.task
@@ -156,6 +199,9 @@ def run_sweep(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, executor: Exec
                 handles.remove(handle)
                 rows[task.run_id] = {**rows[task.run_id], "status": status}
                 retry = status == "failed" and attempts[task.run_id] <= retries
+                if not getattr(handle, "started", True):  # never ran (e.g. a read-only runs directory): no
+                    uncount(con, task.run_id, attempts, counted)  # attempt used, no retry until the next sweep
+                    retry = False
                 if not retry:
                     outcome.counts[status] = outcome.counts.get(status, 0) + 1
                 if status == "ok":
@@ -163,14 +209,18 @@ def run_sweep(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, executor: Exec
                 notify({"event": "retry" if retry else "done", "run_id": task.run_id, "status": status,
                         "flops": float(rows[task.run_id]["flops"])})
                 if retry:
-                    handles += submit(con, executor, [rows[task.run_id]], attempts)
+                    handles += submit(con, executor, [rows[task.run_id]], attempts, counted)
+            if ctrl_c.requested:
+                break
             ready, orphans = release(waiting, {h.task.run_id for h in handles})
-            handles += submit(con, executor, [rows[r] for r in ready], attempts)
+            handles += submit(con, executor, [rows[r] for r in ready], attempts, counted)
             for run_id, trunk in orphans:
                 mark(con, run_id, "failed", f"its trunk {trunk} is not training and has no checkpoint at this "
                      "branch's start")
                 outcome.counts["failed"] = outcome.counts.get("failed", 0) + 1
                 notify({"event": "done", "run_id": run_id, "status": "failed", "flops": float(rows[run_id]["flops"])})
+        if ctrl_c.requested:
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         interrupt(con, executor, handles, list(rows))
         outcome.interrupted = True
@@ -209,14 +259,15 @@ def attach(executor: Executor, rows: list[dict]) -> list[Handle]:
 
 
 def submit(con: duckdb.DuckDBPyConnection, executor: Executor, rows: list[dict],
-           attempts: dict[str, int]) -> list[Handle]:
-    """Mark ``rows`` running (one more attempt each, unless it resumes an interrupted one) and hand them to the
-    executor; if it refuses them, they get their previous status and attempt count back and the error
-    propagates."""
+           attempts: dict[str, int], counted: dict[str, bool]) -> list[Handle]:
+    """Mark ``rows`` running (one more attempt each, unless it resumes an interrupted one; ``counted`` says which)
+    and hand them to the executor; if it refuses them, they get their previous status and attempt count back
+    and the error propagates."""
     tasks = tasks_of(rows)
     if not tasks:
         return []
     fresh = {row["run_id"]: row["status"] not in CONTINUED or attempts[row["run_id"]] == 0 for row in rows}
+    counted.update(fresh)
     for task in tasks:
         mark(con, task.run_id, "running", attempt=fresh[task.run_id])
         attempts[task.run_id] += fresh[task.run_id]
@@ -228,6 +279,29 @@ def submit(con: duckdb.DuckDBPyConnection, executor: Executor, rows: list[dict],
                         [row["status"], row.get("error"), int(fresh[row["run_id"]]), row["run_id"]])
             attempts[row["run_id"]] -= fresh[row["run_id"]]
         raise
+
+
+def uncount(con: duckdb.DuckDBPyConnection, run_id: str, attempts: dict[str, int], counted: dict[str, bool]) -> None:
+    """Give back the attempt that a submission counted."""
+    if counted.pop(run_id, False):
+        con.execute("UPDATE runs SET attempts = attempts - 1 WHERE run_id = ?", [run_id])
+        attempts[run_id] -= 1
+
+
+def failure_advice(con: duckdb.DuckDBPyConnection, sweep: str, retries: int, command: str) -> str:
+    """What to do about a sweep's failed runs: rerunning retries those with attempts left; the others need a
+    larger ``--retries``, once their cause (``scaling status``) is fixed."""
+    left, used = con.execute("""
+        SELECT count(*) FILTER (r.attempts <= ?), count(*) FILTER (r.attempts > ?)
+        FROM runs r JOIN sweep_runs s USING (run_id) WHERE s.sweep = ? AND r.status = 'failed'""",
+                             [retries, retries, sweep]).fetchall()[0]
+    parts = [f"{left + used} run(s) failed: `scaling status {sweep}` shows why"]
+    if left:
+        parts.append(f"{left} will be tried again by rerunning `{command}`")
+    if used:
+        parts.append(f"{used} used up --retries {retries}: once the cause is fixed, rerun with --retries "
+                     f"{retries + 1}")
+    return "; ".join(parts)
 
 
 def tasks_of(rows: list[dict]) -> list[Task]:
@@ -260,7 +334,7 @@ def rollback(con: duckdb.DuckDBPyConnection) -> None:
 def finish(con: duckdb.DuckDBPyConnection, handle: Handle) -> str:
     """Ingest a finished task's files, or record why it failed."""
     result, error = handle.outcome()
-    status = ingest_run(con, handle.task.run_dir) if error is None else None
+    status = ingest_run(con, handle.task.run_dir, handle.task.run_id, fresh=False) if error is None else None
     if status is None:
         status = "failed"
         mark(con, handle.task.run_id, status, error or "the run ended without writing result.json")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,9 +20,10 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from scaling.config import SweepConfig
+from scaling.config import RunSpec, SweepConfig
+from scaling.runfiles import DamagedRunFile, read_finished, set_aside
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DEFAULT_DB = "scaling.duckdb"
 
 
@@ -35,7 +37,7 @@ RUN_COLUMNS = {
     "active_params": "BIGINT", "embedding_params": "BIGINT", "sparsity": "DOUBLE", "param_sparsity": "DOUBLE",
     "n_experts": "INTEGER", "top_k": "INTEGER", "d_model": "INTEGER", "n_layers": "INTEGER",
     "n_heads": "INTEGER", "lr": "DOUBLE", "steps": "INTEGER", "tokens": "BIGINT", "unique_tokens": "BIGINT",
-    "epochs": "DOUBLE", "seed": "INTEGER", "spec": "JSON", "run_dir": "VARCHAR",
+    "epochs": "DOUBLE", "seed": "INTEGER", "threads": "INTEGER", "spec": "JSON", "run_dir": "VARCHAR",
     "final_train_loss": "DOUBLE", "final_eval_loss": "DOUBLE", "tokens_seen": "BIGINT", "epochs_done": "DOUBLE",
     "diverged_step": "INTEGER", "wall_s": "DOUBLE", "train_s": "DOUBLE", "tokens_per_s": "DOUBLE",
     "flops_per_s": "DOUBLE", "started_at": "TIMESTAMP", "finished_at": "TIMESTAMP", "ingested_at": "TIMESTAMP",
@@ -44,7 +46,7 @@ RUN_COLUMNS = {
 }
 PLANNED = ["flops", "flops_6nd", "params", "active_params", "embedding_params", "sparsity", "param_sparsity",
            "n_experts", "top_k", "d_model", "n_layers", "n_heads", "lr", "steps", "tokens", "unique_tokens",
-           "epochs", "seed", "role", "trunk_id", "flops_spent"]
+           "epochs", "seed", "threads", "role", "trunk_id", "flops_spent"]
 RESULT = ["final_train_loss", "final_eval_loss", "tokens_seen", "epochs_done", "diverged_step", "wall_s",
           "train_s", "tokens_per_s", "flops_per_s", "started_at", "finished_at"]
 
@@ -53,6 +55,7 @@ CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
 CREATE TABLE IF NOT EXISTS sweeps (name VARCHAR PRIMARY KEY, path VARCHAR, config JSON, planned_at TIMESTAMP,
     n_runs INTEGER);
 CREATE TABLE IF NOT EXISTS runs ({", ".join(f"{k} {v}" for k, v in RUN_COLUMNS.items())});
+CREATE TABLE IF NOT EXISTS run_aliases (old_id VARCHAR PRIMARY KEY, run_id VARCHAR, reason VARCHAR);
 CREATE TABLE IF NOT EXISTS sweep_runs (sweep VARCHAR, run_id VARCHAR, budget DOUBLE, PRIMARY KEY (sweep, run_id));
 CREATE TABLE IF NOT EXISTS metrics (run_id VARCHAR, step INTEGER, tokens BIGINT, train_loss DOUBLE,
     ce_loss DOUBLE, aux_loss DOUBLE, z_loss DOUBLE, eval_loss DOUBLE, lr DOUBLE, wall_s DOUBLE,
@@ -66,17 +69,6 @@ CREATE TABLE IF NOT EXISTS fits (fit_id VARCHAR PRIMARY KEY, sweep VARCHAR, law 
 CREATE TABLE IF NOT EXISTS fit_values (fit_id VARCHAR, parameter VARCHAR, value DOUBLE, ci_lo DOUBLE,
     ci_hi DOUBLE, PRIMARY KEY (fit_id, parameter));
 """
-
-MIGRATIONS: dict[int, list[str]] = {
-    2: ["ALTER TABLE runs ADD COLUMN source VARCHAR DEFAULT 'trained'"],
-    3: ["ALTER TABLE runs ADD COLUMN role VARCHAR DEFAULT 'run'", "ALTER TABLE runs ADD COLUMN trunk_id VARCHAR",
-        "ALTER TABLE runs ADD COLUMN flops_spent DOUBLE", "UPDATE runs SET role = 'run', flops_spent = flops"],
-}
-"""SQL bringing a file of the previous version up to each version; a writer applies the missing ones in order, in
-one transaction, when it opens an older file. Version 2:
-``runs.source`` ('trained', or the file an external run was ingested from). Version 3: trunks and cooldown branches,
-``runs.role`` (run, trunk or branch), ``trunk_id`` and ``flops_spent``; every run stored before was a dedicated
-run, so it spent what it represents."""
 
 VIEWS = {
     "final_losses": """
@@ -161,13 +153,74 @@ def init_schema(con: duckdb.DuckDBPyConnection, path: Path) -> None:
         con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
 
 
+THREAD_LINE = re.compile(r"(?:starting|resuming at step \d+) run \w+: .*, (\d+) CPU thread\(s\)$", re.M)
+
+
+def recorded_threads(run_dir: Path) -> set[int]:
+    """The thread counts a run's ``log.txt`` says it trained with (one per start or resume)."""
+    try:
+        return {int(n) for n in THREAD_LINE.findall((run_dir / "log.txt").read_text(errors="replace"))}
+    except OSError:
+        return set()
+
+
+def resolve_threads(con: duckdb.DuckDBPyConnection) -> None:
+    """Version 3: a run's thread count is part of its spec and its id (``runs.threads``; see
+    ``config.V1_ONE_THREAD``). Runs planned before said ``train.threads = 0`` (cores / workers, decided at run
+    time); each gets the count its ``log.txt`` records. Why re-key rather than keep the ids and record the count
+    in a column: losses depend on the count, so one id must mean one count; one thread keeps its id, so the
+    common case (as many one-thread workers as cores) changes nothing, and a run that ran with N > 1 threads is
+    re-keyed to the id of its spec with ``threads = N``, the old id kept in ``run_aliases`` (its files stay in
+    their directory). A run never started counts as one thread (the new default). A run whose log is missing
+    or names several counts (resumed under another ``--workers``) keeps its id and gets ``threads`` NULL."""
+    con.execute("ALTER TABLE runs ADD COLUMN IF NOT EXISTS threads INTEGER")
+    con.execute("CREATE TABLE IF NOT EXISTS run_aliases (old_id VARCHAR PRIMARY KEY, run_id VARCHAR, "
+                "reason VARCHAR)")
+    rows = con.execute("SELECT run_id, spec, run_dir, status FROM runs "
+                       "WHERE CAST(json_extract(spec, '$.train.threads') AS INTEGER) = 0").fetchall()
+    for run_id, spec_json, run_dir, status in rows:
+        spec = json.loads(spec_json)
+        counts = recorded_threads(Path(run_dir)) if run_dir else set()
+        threads = counts.pop() if len(counts) == 1 else (1 if status == "planned" and not counts else None)
+        spec["train"]["threads"] = threads or 1  # an unknown count keeps its id, which one thread hashes to
+        new_id = RunSpec.from_dict(spec).run_id
+        taken = new_id != run_id and con.execute("SELECT 1 FROM runs WHERE run_id = ?", [new_id]).fetchall()
+        if taken:  # already planned and stored under its new id: the old row stays as it was
+            continue
+        con.execute("UPDATE runs SET spec = ?, threads = ? WHERE run_id = ?", [json.dumps(spec), threads, run_id])
+        if new_id == run_id:
+            continue
+        for table in ("runs", "sweep_runs", "metrics", "router_stats", "token_loss_arrays"):
+            con.execute(f"UPDATE {table} SET run_id = ? WHERE run_id = ?", [new_id, run_id])
+        con.execute("INSERT INTO run_aliases VALUES (?, ?, ?)",
+                    [run_id, new_id, f"planned with threads = 0, trained with {threads} threads"])
+
+
+def add_source(con: duckdb.DuckDBPyConnection) -> None:
+    """Version 2: ``runs.source`` ('trained', or the file an external run was ingested from)."""
+    con.execute("ALTER TABLE runs ADD COLUMN IF NOT EXISTS source VARCHAR DEFAULT 'trained'")
+
+
+def add_branch_columns(con: duckdb.DuckDBPyConnection) -> None:
+    """Version 4, trunks and cooldown branches: ``runs.role`` (run, trunk or branch), ``trunk_id`` and
+    ``flops_spent``. Every run stored before was a dedicated run, so it spent what it represents."""
+    con.execute("ALTER TABLE runs ADD COLUMN IF NOT EXISTS role VARCHAR DEFAULT 'run'")
+    con.execute("ALTER TABLE runs ADD COLUMN IF NOT EXISTS trunk_id VARCHAR")
+    con.execute("ALTER TABLE runs ADD COLUMN IF NOT EXISTS flops_spent DOUBLE")
+    con.execute("UPDATE runs SET role = coalesce(role, 'run'), flops_spent = coalesce(flops_spent, flops)")
+
+
+# Schema version -> the step from the version before; a writer applies the missing ones in order, in one
+# transaction, when it opens an older file.
+MIGRATIONS = {2: add_source, 3: resolve_threads, 4: add_branch_columns}
+
+
 def migrate(con: duckdb.DuckDBPyConnection, version: int) -> None:
-    """Apply ``MIGRATIONS`` after ``version`` in one transaction (all or nothing) and record the new version."""
+    """Bring a file of schema ``version`` up to ``SCHEMA_VERSION``, one step at a time, in one transaction."""
     con.execute("BEGIN")
     try:
         for step in range(version + 1, SCHEMA_VERSION + 1):
-            for statement in MIGRATIONS[step]:
-                con.execute(statement)
+            MIGRATIONS[step](con)
         con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
         con.execute("COMMIT")
     except Exception:
@@ -190,7 +243,8 @@ def check_version(con: duckdb.DuckDBPyConnection, path: Path) -> int | None:
 
 def register_plan(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, runs: pd.DataFrame,
                   runs_dir: Path) -> None:
-    """Record a sweep and its planned runs; existing runs keep their status and results."""
+    """Record a sweep and its planned runs; existing runs keep their status and results, finished ones their
+    directory too (a run re-keyed by a migration keeps its files where they are)."""
     now = utcnow()
     con.execute("BEGIN")
     con.execute("INSERT OR REPLACE INTO sweeps VALUES (?, ?, ?, ?, ?)",
@@ -202,7 +256,8 @@ def register_plan(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, runs: pd.D
                   for c in PLANNED]
         con.execute(f"""INSERT INTO runs (run_id, status, attempts, {", ".join(PLANNED)}, spec, run_dir)
                         VALUES (?, 'planned', 0, {", ".join("?" * len(PLANNED))}, ?, ?)
-                        ON CONFLICT DO UPDATE SET run_dir = excluded.run_dir""",
+                        ON CONFLICT DO UPDATE SET run_dir = CASE WHEN runs.status IN ('ok', 'diverged')
+                            THEN runs.run_dir ELSE excluded.run_dir END""",
                     [row["run_id"], *values, json.dumps(row["spec"].to_dict()), run_dir])
         budget = None if pd.isna(row["budget"]) else row["budget"]  # a trunk is no point of any budget
         con.execute("INSERT INTO sweep_runs VALUES (?, ?, ?)", [sweep.name, row["run_id"], budget])
@@ -219,20 +274,27 @@ def mark(con: duckdb.DuckDBPyConnection, run_id: str, status: str, error: str | 
                 "WHERE run_id = ?", [status, error, run_id])
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
-
-
-def ingest_run(con: duckdb.DuckDBPyConnection, run_dir: str | os.PathLike) -> str | None:
+def ingest_run(con: duckdb.DuckDBPyConnection, run_dir: str | os.PathLike, run_id: str | None = None,
+               fresh: bool = True) -> str | None:
     """Ingest one run directory's finished files; returns the run's status, or None if it has no result yet.
 
-    Everything stored for the run is replaced in one transaction, so ingesting twice changes nothing.
+    Everything stored for the run is replaced in one transaction, so ingesting twice changes nothing. Files that
+    do not follow the schema (``scaling.runfiles``) change nothing stored but the run's status: ``failed``, with
+    a one-line reason naming the file; the damaged file and ``result.json`` are set aside (renamed), so the run
+    counts as unfinished and is trained again. ``fresh``: the files are from an earlier driver (the damage is
+    not an attempt's failure: the run's attempt count starts over); else they are the attempt just made.
     """
     run_dir = Path(run_dir)
-    result_file = run_dir / "result.json"
-    if not result_file.exists():
+    if not (run_dir / "result.json").exists():
         return None
-    result = read_json(result_file)
+    expected = run_id or known_run(con, run_dir)
+    try:
+        result, arrays = read_finished(run_dir, expected)
+    except DamagedRunFile as e:
+        if expected is None:
+            raise StoreError(str(e)) from None
+        set_damaged_aside(con, run_dir, expected, e, fresh)
+        return "failed"
     run_id = result["run_id"]
     if not con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchall():
         raise StoreError(f"{run_dir}: run {run_id} is not part of any planned sweep in this database")
@@ -250,12 +312,10 @@ def ingest_run(con: duckdb.DuckDBPyConnection, run_dir: str | os.PathLike) -> st
         insert_rows(con, "router_stats", run_id, result.get("router", []),
                     ["step", "tokens", "layer", "expert", "load", "entropy", "dropped_frac"],
                     key=["step", "layer", "expert"])
-        arrays = run_dir / "token_losses.npz"
-        if arrays.exists():
-            with np.load(arrays) as z:
-                frame = pd.DataFrame({"run_id": run_id, "step": z["steps"], "tokens": z["tokens"],
-                                      "eval_loss": z["eval_loss"],
-                                      "losses": [row.astype(np.float32) for row in z["losses"]]})
+        if arrays is not None:
+            frame = pd.DataFrame({"run_id": run_id, "step": arrays["steps"], "tokens": arrays["tokens"],
+                                  "eval_loss": arrays["eval_loss"],
+                                  "losses": [row.astype(np.float32) for row in arrays["losses"]]})
             con.register("token_frame", frame)
             con.execute("INSERT INTO token_loss_arrays SELECT run_id, step, tokens, eval_loss, "
                         "CAST(losses AS FLOAT[]) FROM token_frame")
@@ -265,6 +325,25 @@ def ingest_run(con: duckdb.DuckDBPyConnection, run_dir: str | os.PathLike) -> st
         con.execute("ROLLBACK")
         raise
     return result["status"]
+
+
+def known_run(con: duckdb.DuckDBPyConnection, run_dir: Path) -> str | None:
+    """The planned run whose directory ``run_dir`` is (or that is named as it is)."""
+    rows = con.execute("SELECT run_id FROM runs WHERE run_dir = ? OR run_id = ? ORDER BY run_dir = ? DESC LIMIT 1",
+                       [str(run_dir), run_dir.name, str(run_dir)]).fetchall()
+    return rows[0][0] if rows else None
+
+
+def set_damaged_aside(con: duckdb.DuckDBPyConnection, run_dir: Path, run_id: str, damage: DamagedRunFile,
+                      fresh: bool) -> None:
+    """Mark the run ``failed`` with the damage and rename the damaged file and ``result.json`` aside."""
+    now = utcnow()
+    moved = [set_aside(path, now) for path in dict.fromkeys([damage.path, run_dir / "result.json"])]
+    kept = ", ".join(p.name for p in moved if p is not None)
+    where = f"kept as {kept}; the run is trained again" if all(moved) else (
+        "could not be renamed aside: move it away to train the run again")
+    con.execute(f"UPDATE runs SET status = 'failed', error = ?{', attempts = 0' if fresh else ''} "
+                "WHERE run_id = ?", [f"{damage} ({where})", run_id])
 
 
 def insert_rows(con: duckdb.DuckDBPyConnection, table: str, run_id: str, rows: list[dict],
@@ -294,7 +373,8 @@ def ingest_all(con: duckdb.DuckDBPyConnection, sweep: str | None = None) -> dict
         if ingested_at is not None and ingested_at >= modified:
             continue
         status = ingest_run(con, run_dir)
-        counts[status] = counts.get(status, 0) + 1
+        if status is not None:
+            counts[status] = counts.get(status, 0) + 1
     return counts
 
 

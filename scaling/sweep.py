@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from scaling.config import SweepConfig
 from scaling.executors import Executor, LocalExecutor, SlurmExecutor
 from scaling.output import emit, err
-from scaling.runner import SweepOutcome, execute_locked, run_sweep
+from scaling.runner import SweepOutcome, execute_locked, failure_advice, run_sweep
 from scaling.runner import dry_run as dry_run_plan
 from scaling.store import connect
 
@@ -51,8 +51,7 @@ def execute_sweep(sweep: SweepConfig, db: str | None, runs_dir: Path, executor: 
         exhausted = f"; {outcome.exhausted} failed before, retries used up" if outcome.exhausted else ""
         err(f"{sweep.name}: {counts}; {outcome.skipped} already done{exhausted}; {elapsed}")
         if outcome.failed:
-            err(f"{outcome.failed} run(s) failed: `scaling status {sweep.name}` shows why; rerun with a larger "
-                "--retries to try them again")
+            err(failure_advice(con, sweep.name, retries, f"scaling run {sweep.path or sweep.name}"))
         return outcome
     finally:
         con.close()

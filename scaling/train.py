@@ -31,6 +31,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -96,16 +97,23 @@ def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
                              betas=(train.beta1, train.beta2), fused=True)
 
 
+@contextlib.contextmanager
+def atomic(path: Path, keep: Path | None = None) -> Iterator[Path]:
+    """Yield a temporary name to write ``path`` under; on success it replaces ``path`` (whose previous version
+    becomes ``keep`` if given), on any failure (a full disk...) the temporary file is removed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        if keep is not None and path.exists():
+            os.replace(path, keep)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def save_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def finite(x: float | None) -> float | None:
@@ -161,26 +169,13 @@ def keep_freed_memory() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
-def env_threads() -> int:
-    """``SCALING_THREADS`` (set by the executors for each worker), or 0 when unset."""
-    value = os.environ.get("SCALING_THREADS", "").strip()
-    if not value:
-        return 0
-    if not value.isdigit():
-        raise ValueError(f"SCALING_THREADS must be a whole number of threads, got {value!r}")
-    return int(value)
-
-
 def place(threads: int) -> Placement:
-    """CUDA if available, else CPU; joins the process group when launched by torchrun (WORLD_SIZE > 1).
-
-    CPU threads: ``threads`` (the spec's ``train.threads``), else ``SCALING_THREADS``, else this process's share
-    of the machine's cores."""
+    """CUDA if available, else CPU with ``threads`` threads (the spec's ``train.threads``); joins the process group
+    when launched by torchrun (WORLD_SIZE > 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     cuda = torch.cuda.is_available()
-    torch.set_num_threads(threads or env_threads() or max(1, (os.cpu_count() or 1) // local_world))
+    torch.set_num_threads(threads)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{local}" if cuda else "cpu")
@@ -298,11 +293,17 @@ class Run:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if where.device.type == "cuda"
                          else contextlib.nullcontext())
         self.record = Record()
+        self.notes: list[str] = []  # what happened to the run that its result should say (checkpoints set aside)
         self.signals = HeldSignals(active=False)
 
     @property
     def checkpoint(self) -> Path:
         return self.dir / "checkpoint.pt"
+
+    @property
+    def previous_checkpoint(self) -> Path:
+        """The checkpoint before the last one, kept in case the last one does not load."""
+        return self.dir / "checkpoint.prev.pt"
 
     def rng_states(self) -> list[Tensor]:
         cuda = self.where.device.type == "cuda"
@@ -316,25 +317,48 @@ class Run:
     def save(self, path: Path | None = None) -> None:
         states = self.rng_states()
         if self.where.main:
-            save_atomic(path or self.checkpoint, {"run_id": self.spec.run_id, "model": self.model.state_dict(),
-                                                  "optimizer": self.opt.state_dict(), "rng": states,
-                                                  "record": asdict(self.record)})
+            with atomic(path or self.checkpoint, keep=None if path else self.previous_checkpoint) as tmp:
+                torch.save({"run_id": self.spec.run_id, "model": self.model.state_dict(),
+                            "optimizer": self.opt.state_dict(), "rng": states, "record": asdict(self.record),
+                            "threads": torch.get_num_threads()}, tmp)
 
     def resume(self) -> bool:
-        """Restore the checkpoint of this same spec, if one exists (else a branch starts from its trunk's);
-        returns whether it did."""
-        if not self.checkpoint.exists():
-            return self.start_branch() if self.spec.trunk else False
-        state = torch.load(self.checkpoint, map_location=self.where.device, weights_only=False)
-        if state["run_id"] != self.spec.run_id:
-            return False
-        self.restore(state)
-        return True
+        """Restore the latest checkpoint of this same spec that loads, if any (else a branch starts from its trunk's);
+        returns whether it did.
+
+        One that does not load is renamed ``NAME.damaged-TIME`` and said in the log; the previous checkpoint (the
+        last two are kept) is tried next, then the run starts over."""
+        for path in (self.checkpoint, self.previous_checkpoint):
+            if not path.exists():
+                continue
+            try:
+                state = torch.load(path, map_location=self.where.device, weights_only=False)
+                run_id = state["run_id"]
+            except Exception as exc:  # any unreadable checkpoint is set aside, the run goes on
+                self.set_aside(path, exc)
+                continue
+            if run_id != self.spec.run_id:
+                continue
+            threads = state.get("threads")
+            if threads is None:  # its thread count is unknown: resuming could mix two in one run
+                self.set_aside(path, ValueError("it was written before checkpoints recorded their thread count"))
+                continue
+            if threads != torch.get_num_threads():
+                raise ValueError(f"run {run_id}: {path.name} was written with {threads} CPU threads, this process "
+                                 f"has {torch.get_num_threads()}: resuming would mix two thread counts in one run "
+                                 "(delete it to start over)")
+            try:
+                self.restore(state)
+            except Exception as exc:  # e.g. tensors of another shape
+                self.set_aside(path, exc)
+                continue
+            return True
+        return self.start_branch() if self.spec.trunk else False
 
     def start_branch(self) -> bool:
-        """A branch starts from its trunk's checkpoint at the cooldown start: the state (and the record so far)
-        that a dedicated run with the same schedule has at that step, since the trunk's LR equals it up to there
-        and the data stream depends on the step alone."""
+        """A branch without a checkpoint of its own starts from its trunk's at the cooldown start: the state (and
+        the record so far) that a dedicated run with the same schedule has at that step, since the trunk's LR equals
+        it up to there and the data stream depends on the step alone."""
         spec = self.spec
         path = branch_checkpoint(trunk_dir(self.dir, spec.trunk), spec.cooldown_start)
         if not path.exists():
@@ -348,8 +372,18 @@ class Run:
         self.log(f"branching from trunk {spec.trunk} at step {spec.cooldown_start}")
         return True
 
+    def set_aside(self, path: Path, exc: Exception) -> None:
+        if not self.where.main:
+            return
+        target = path.with_name(f"{path.name}.damaged-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}")
+        os.replace(path, target)
+        first = " ".join(str(exc).split())[:200]
+        note = f"{path.name} does not load ({type(exc).__name__}: {first}): moved aside as {target.name}"
+        self.notes.append(note)
+        self.log(note)
+        print(f"run {self.spec.run_id}: {note}", flush=True)
+
     def restore(self, state: dict) -> None:
-        """Model, optimizer, RNG and record from a checkpoint's ``state``."""
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         rng = state["rng"][self.where.rank] if len(state["rng"]) > self.where.rank else state["rng"][0]
@@ -502,8 +536,9 @@ class Run:
             "wall_s": rec.wall_s, "train_s": rec.train_s, "tokens_per_s": rate,
             "flops_per_s": train_flops_per_token(spec.model) * rate,
             "params": self.model.num_params(), "active_params": self.model.active_params(),
+            "threads": torch.get_num_threads(),
             "started_at": rec.started_at, "finished_at": now_iso(),
-            "metrics": rec.metrics, "router": rec.router,
+            "notes": self.notes, "metrics": rec.metrics, "router": rec.router,
         }
 
     def write(self, result: dict) -> None:
@@ -514,12 +549,13 @@ class Run:
                   "tokens": np.array([s * self.tokens_per_step for s, _ in rec.eval_rows], dtype=np.int64),
                   "eval_loss": np.array([e for _, e in rec.eval_rows], dtype=np.float64),
                   "losses": np.array(rec.token_losses, dtype=np.float32).reshape(-1, n_positions)}
-        tmp = self.dir / ".token_losses.tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, self.dir / "token_losses.npz")
+        with atomic(self.dir / "token_losses.npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
         write_atomic(self.dir / "result.json", json.dumps(result, indent=1).encode())
         if result["status"] in ("ok", "diverged"):
             self.checkpoint.unlink(missing_ok=True)
+            self.previous_checkpoint.unlink(missing_ok=True)
 
 
 def train_run(spec: RunSpec, run_dir: Path, *, stop_after_steps: int | None = None) -> dict:
@@ -550,6 +586,9 @@ def train_in_place(spec: RunSpec, run_dir: Path, stop_after_steps: int | None) -
         write_atomic(run_dir / "spec.json", spec_json.encode())
     run = Run(spec, run_dir, where)
     resumed = run.resume()
+    if run.notes and not resumed:  # a checkpoint was set aside: start over from a fresh initial state
+        notes, run = run.notes, Run(spec, run_dir, where)
+        run.notes = notes
     run.log(f"{'resuming at step ' + str(run.record.step) if resumed else 'starting'} run {spec.run_id}: "
             f"{spec.steps} steps, {run.model.num_params():,} params ({run.model.active_params():,} active), "
             f"{where.world} process(es) on {where.device}, {torch.get_num_threads()} CPU thread(s)")

@@ -26,7 +26,7 @@ import pytest
 
 from scaling.config import load_sweep
 from scaling.data import prepare
-from scaling.executors import LocalExecutor, available_cpus
+from scaling.executors import LocalExecutor, Task, available_cpus
 from scaling.grid import plan
 from scaling.runner import execute_locked, run_sweep
 from scaling.store import connect
@@ -64,16 +64,22 @@ def scaling_command(*args: str) -> list[str]:
     return [*prefix, *args]
 
 
+def ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Driver:
     """``scaling run sweeps/smoke.toml ARGS`` in a session of its own, as a terminal runs a command; its output
-    goes to files (not a terminal: one line per finished run)."""
+    goes to files (not a terminal: one line per finished run). ``sigint_ignored``: started as a shell script's
+    background job is, with SIGINT ignored (which Python then keeps)."""
 
-    def __init__(self, tmp_path: Path, name: str, *args: str) -> None:
+    def __init__(self, tmp_path: Path, name: str, *args: str, sigint_ignored: bool = False) -> None:
         self.name = name
         self.out, self.err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
         with open(self.out, "w") as out, open(self.err, "w") as err:
             self.proc = subprocess.Popen(scaling_command("run", str(SMOKE), *args), stdin=subprocess.DEVNULL,
-                                         stdout=out, stderr=err, cwd=tmp_path, start_new_session=True)
+                                         stdout=out, stderr=err, cwd=tmp_path, start_new_session=True,
+                                         preexec_fn=ignore_sigint if sigint_ignored else None)
 
     def stderr(self) -> str:
         return self.err.read_text()
@@ -190,6 +196,25 @@ def test_killed_driver_rerun_trains_every_run_exactly_once(killed_and_rerun):
         assert len(STARTED.findall(text)) == 1 and not RESUMED.search(text), f"{run_id}:\n{text}"
     one_thread_each(k.runs, table)
     assert re.search(r"smoke: .*\d+ already done", k.stderr), k.stderr
+
+
+def test_losses_do_not_depend_on_the_number_of_workers(killed_and_rerun, tmp_path):
+    """One worker on this machine's cores trains the two shortest smoke runs to the very losses that one-thread
+    workers side by side reached: the thread count is the run's (1), not cores / workers."""
+    shortest = [run_id for run_id, _ in smoke_runs()[-2:]]
+    runs = {r["run_id"]: r for r in plan(load_sweep(SMOKE)).runs.to_dict("records")}
+    executor = LocalExecutor(workers=1, fn=execute_locked)
+    try:
+        handles = executor.submit([Task(run_id=r, spec=runs[r]["spec"].to_dict(), run_dir=str(tmp_path / r))
+                                   for r in shortest])
+        outcomes = {h.task.run_id: h.outcome() for h in handles}
+    finally:
+        executor.shutdown(cancel=True)
+    side_by_side = runs_table(killed_and_rerun.db)
+    for run_id, (result, error) in outcomes.items():
+        assert error is None and result["threads"] == 1, error
+        assert result["final_eval_loss"] == side_by_side[run_id]["final_eval_loss"], run_id
+        assert result["final_train_loss"] == side_by_side[run_id]["final_train_loss"], run_id
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -384,10 +409,12 @@ def lock_is_free(run_dir: Path) -> bool:
 
 
 def test_ctrl_c_marks_running_runs_interrupted_and_says_how_to_resume(tmp_path):
+    """The driver starts with SIGINT ignored, as under ``make test &``: it still stops on Ctrl-C (it installs its
+    own handler), whatever it is doing when the signal lands."""
     db, runs = tmp_path / "results.duckdb", tmp_path / "runs"
     args = ("--workers", str(WORKERS), "--db", str(db), "--runs-dir", str(runs))
     longest = [run_id for run_id, _ in smoke_runs()[:2]]  # trained first, side by side
-    driver = Driver(tmp_path, "interrupted", *args)
+    driver = Driver(tmp_path, "interrupted", *args, sigint_ignored=True)
     try:
         wait_until(lambda: any((runs / r / "checkpoint.pt").exists() for r in longest), "a checkpoint", driver)
         driver.signal(signal.SIGINT)

@@ -7,10 +7,14 @@ milliseconds. The reliability tests do the same with real training and real cras
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pytest
 from synthetic import POSITIONS, SMALL, write_run
 
 from scaling.config import parse_sweep
@@ -142,5 +146,125 @@ def test_ctrl_c_while_planning_stores_nothing_half_done(tmp_path, monkeypatch):
         assert con.execute("SELECT count(*) FROM sweeps").fetchall()[0][0] == 0
         con.execute("BEGIN")
         con.execute("ROLLBACK")
+    finally:
+        con.close()
+
+
+def sigint_during_a_query(con) -> None:
+    """Ctrl-C while DuckDB runs a query of the driver: the signal is sent from inside the query (a UDF, run by the
+    calling thread, as a short query of the driver is)."""
+    con.execute("SET threads = 1")
+    con.create_function("sigint_now", lambda: os.kill(os.getpid(), signal.SIGINT) or 1, [], "INTEGER",
+                        side_effects=True)
+    con.execute("SELECT sigint_now()").fetchall()
+    con.remove_function("sigint_now")
+    con.execute("RESET threads")
+
+
+@pytest.mark.parametrize("phase", ["ingest_all", "mark", "ingest_run"])  # planning, submitting, collecting
+def test_ctrl_c_during_a_duckdb_query_stops_the_sweep(tmp_path, monkeypatch, phase):
+    """DuckDB's client turns a KeyboardInterrupt raised during a query into its own error; the driver must still
+    stop cleanly: nothing left ``running``, and a rerun finishes the sweep."""
+    from scaling import runner
+
+    db = tmp_path / "results.duckdb"
+    original, fired = getattr(runner, phase), []
+
+    def interrupted(con, *args, **kwargs):
+        result = original(con, *args, **kwargs)
+        if not fired:
+            fired.append(phase)
+            sigint_during_a_query(con)
+        return result
+
+    monkeypatch.setattr(runner, phase, interrupted)
+    executor = Scripted({})
+    outcome = sweep_pass(db, executor)
+    assert fired and outcome.interrupted
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the driver's handler is gone
+    con = connect(db, read_only=True)
+    try:
+        statuses = dict(con.execute("SELECT status, count(*) FROM runs GROUP BY ALL").fetchall())
+    finally:
+        con.close()
+    assert "running" not in statuses, statuses  # (the scripted runs that finished meanwhile are ingested)
+    if phase == "ingest_all":
+        assert executor.submitted == []  # stopped before anything was submitted
+    monkeypatch.undo()
+    again = sweep_pass(db, Scripted({}))
+    assert not again.interrupted and again.skipped + again.counts.get("ok", 0) == len(RUNS)
+
+
+def test_ctrl_c_is_honoured_when_started_with_sigint_ignored(tmp_path):
+    """A shell script's background job (``scaling run ... &``) starts with SIGINT ignored, and Python keeps it
+    ignored: the driver must still stop on it (under ``make test`` run as a background job, the end-to-end Ctrl-C
+    test trained the whole sweep and exited 0)."""
+    sent = []
+
+    def ctrl_c_at_first_tick(event: dict) -> None:
+        if event["event"] == "tick" and not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        con = connect(tmp_path / "results.duckdb")
+        try:
+            outcome = run_sweep(con, SWEEP, Scripted({}), tmp_path / "runs", poll_s=0, on_update=ctrl_c_at_first_tick)
+        finally:
+            con.close()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # what the process had is restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert sent and outcome.interrupted
+
+
+def test_a_damaged_result_is_trained_again_by_the_next_sweep(tmp_path):
+    db = tmp_path / "results.duckdb"
+    sweep_pass(db, Scripted({}))
+    victim = next(iter(RUNS))
+    (tmp_path / "runs" / victim / "result.json").write_text(json.dumps({"run_id": victim, "status": "ok"}))
+    executor = Scripted({})
+    again = sweep_pass(db, executor, retries=0)  # a damaged file is not an attempt of the run's
+    assert executor.submitted == [victim] and again.counts == {"ok": 1} and again.failed == 0
+    assert attempts(db, victim) == ("ok", 1)
+
+
+def test_a_run_whose_worker_never_started_keeps_its_attempts(tmp_path):
+    """An unusable runs directory (here a file where it should be; read-only is the same for the executor)
+    fails every run before a worker starts: no attempt is used, nothing is retried in a loop, and the advice
+    is to rerun (once the directory is fixed), not to raise --retries."""
+    from scaling.executors import LocalExecutor
+    from scaling.runner import failure_advice
+
+    db = tmp_path / "results.duckdb"
+    (tmp_path / "runs").write_text("not a directory")
+    executor = LocalExecutor(workers=2)
+    con = connect(db)
+    try:
+        outcome = run_sweep(con, SWEEP, executor, tmp_path / "runs", retries=1, poll_s=0.01)
+        rows = con.execute("SELECT status, attempts, error FROM runs").fetchall()
+        advice = failure_advice(con, SWEEP.name, 1, "scaling run small.toml")
+    finally:
+        executor.shutdown(cancel=True)
+        con.close()
+    assert outcome.failed == len(RUNS) and outcome.counts == {"failed": len(RUNS)}
+    assert {(status, attempts) for status, attempts, _ in rows} == {("failed", 0)}
+    assert all(error.startswith("could not start a worker process: ") for _, _, error in rows)
+    assert advice == (f"{len(RUNS)} run(s) failed: `scaling status small` shows why; {len(RUNS)} will be tried "
+                      "again by rerunning `scaling run small.toml`")
+
+
+def test_failure_advice_names_runs_out_of_retries(tmp_path):
+    from scaling.runner import failure_advice
+
+    db = tmp_path / "results.duckdb"
+    victim = next(iter(RUNS))
+    sweep_pass(db, Scripted({victim: ["fail", "fail"]}), retries=1)
+    con = connect(db)
+    try:
+        assert failure_advice(con, "small", 1, "scaling run small.toml") == (
+            "1 run(s) failed: `scaling status small` shows why; 1 used up --retries 1: once the cause is fixed, "
+            "rerun with --retries 2")
     finally:
         con.close()

@@ -142,7 +142,8 @@ def fake_run(run_dir, row, difficulty, rng):
     np.savez(run_dir / "token_losses.npz", steps=steps, tokens=steps * 256, eval_loss=losses.mean(1), losses=losses)
     (run_dir / "result.json").write_text(json.dumps({
         "run_id": row.run_id, "status": "ok", "steps": int(row.steps), "final_eval_loss": float(losses[-1].mean()),
-        "metrics": [], "router": []}))
+        "final_train_loss": float(losses[-1].mean()), "router": [],
+        "metrics": [{"step": int(row.steps), "train_loss": float(losses[-1].mean())}]}))
 
 
 def store_with(tmp_path, n_runs: int | None, difficulty: np.ndarray, rng: np.random.Generator):

@@ -89,3 +89,50 @@ def test_read_only_and_version(tmp_path):
     con = duckdb.connect(str(other))
     assert [t for (t,) in con.execute("SELECT table_name FROM information_schema.tables").fetchall()] == ["t"]
     con.close()
+
+
+DAMAGE = {
+    "garbage": lambda run_id, d: (d / "result.json").write_text("garbage{{{"),
+    "not a run": lambda run_id, d: (d / "result.json").write_text('{"foo": 1}'),
+    "ok without losses": lambda run_id, d: (d / "result.json").write_text(json.dumps({"run_id": run_id,
+                                                                                       "status": "ok"})),
+    "another run's": lambda run_id, d: (d / "result.json").write_text(
+        (d / "result.json").read_text().replace(run_id, "0123456789ab")),
+    "metrics of the wrong type": lambda run_id, d: (d / "result.json").write_text(
+        (d / "result.json").read_text().replace('"step": 10,', '"step": "ten",')),
+    "binary": lambda run_id, d: (d / "result.json").write_bytes(bytes(range(256))),
+    "truncated arrays": lambda run_id, d: (d / "token_losses.npz").write_bytes(
+        (d / "token_losses.npz").read_bytes()[:100]),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_run_file_fails_its_run_in_one_line_and_is_set_aside(tmp_path, damage):
+    """Whatever is in a run's files, ingest never raises, never stores an ok row without final losses and
+    metrics, names the damaged file, and renames it aside so that the run is trained again."""
+    con = connect(tmp_path / "r.duckdb")
+    s = sweep()
+    runs = plan(s).runs
+    register_plan(con, s, runs, tmp_path / "runs")
+    good, bad = runs.run_id[0], runs.run_id[1]
+    for run_id in (good, bad):
+        fake_result(tmp_path / "runs" / run_id, run_id)
+    run_dir = tmp_path / "runs" / bad
+    DAMAGE[damage](bad, run_dir)
+    damaged_file = "token_losses.npz" if damage == "truncated arrays" else "result.json"
+    con.execute("UPDATE runs SET attempts = 1")
+    assert ingest_all(con, "st") == {"ok": 1, "failed": 1}
+    status, error, attempts, loss = con.execute(
+        "SELECT status, error, attempts, final_eval_loss FROM runs WHERE run_id = ?", [bad]).fetchall()[0]
+    assert status == "failed" and "\n" not in error and attempts == 0 and loss is None
+    assert error.startswith(f"damaged run file {run_dir / damaged_file}: ")
+    assert not (run_dir / "result.json").exists()  # the run counts as unfinished: it is trained again
+    aside = sorted(p.name for p in run_dir.iterdir() if ".damaged-" in p.name)
+    assert aside and all(name in error for name in aside) and any(n.startswith(damaged_file) for n in aside)
+    assert con.execute("SELECT count(*) FROM metrics WHERE run_id = ?", [bad]).fetchall()[0][0] == 0
+    assert con.execute("SELECT count(*) FROM runs WHERE status = 'ok' AND (final_eval_loss IS NULL OR "
+                       "final_train_loss IS NULL OR run_id NOT IN (SELECT run_id FROM metrics))").fetchall() == [(0,)]
+    assert con.execute("SELECT status FROM runs WHERE run_id = ?", [good]).fetchall() == [("ok",)]
+    assert ingest_all(con, "st") == {}  # nothing left to ingest; ingesting again changes nothing
+    fake_result(run_dir, bad)  # the retrained run's files
+    assert ingest_run(con, run_dir) == "ok"

@@ -199,3 +199,86 @@ def test_data_parallel_matches_single_process(tmp_path):
     curve = [m["train_loss"] for m in a["metrics"]]
     np.testing.assert_allclose([m["train_loss"] for m in b["metrics"]], curve, rtol=1e-4)
     np.testing.assert_allclose(zb["eval_loss"], za["eval_loss"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("damaged", [["checkpoint.pt"], ["checkpoint.pt", "checkpoint.prev.pt"]])
+def test_a_checkpoint_that_does_not_load_is_set_aside(tmp_path, damaged):
+    """A corrupt last checkpoint: the run resumes from the one before (the last two are kept) or, with both
+    corrupt, starts over; either way it ends as an uninterrupted run does, and its log and result say what
+    was set aside."""
+    spec = make_spec(steps=30)
+    full = train_run(spec, tmp_path / "full")
+    run_dir = tmp_path / "resumed"
+    train_run(spec, run_dir, stop_after_steps=17)  # checkpoints at steps 10 and 17
+    for name in damaged:
+        (run_dir / name).write_bytes(np.random.default_rng(0).bytes(4096))
+    resumed = train_run(spec, run_dir)
+    assert resumed["status"] == "ok"
+    assert resumed["final_eval_loss"] == pytest.approx(full["final_eval_loss"], abs=1e-6)
+    text = (run_dir / "log.txt").read_text()
+    for name in damaged:
+        assert f"{name} does not load (UnpicklingError" in text, text
+        assert len(list(run_dir.glob(f"{name}.damaged-*"))) == 1
+    assert ("resuming at step 10 run" in text) == (len(damaged) == 1), text
+    result = json.loads((run_dir / "result.json").read_text())
+    assert [n.split(" (")[0] for n in result["notes"]] == [f"{n} does not load" for n in damaged]
+    assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "checkpoint.prev.pt").exists()
+
+
+def test_a_failed_checkpoint_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A full disk while saving: the run fails with the OS error, the half-written temporary file is removed and
+    the previous checkpoint is intact, so a rerun resumes from it."""
+    import errno
+
+    save, calls = torch.save, []
+
+    def disk_full(obj, path):
+        calls.append(path)
+        if len(calls) == 2:
+            Path(path).write_bytes(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, path)
+
+    spec = make_spec(steps=30)
+    with monkeypatch.context() as m:
+        m.setattr(train.torch, "save", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            train_run(spec, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if "tmp" in p.name) == []
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["record"]["step"] == 10
+    assert train_run(spec, tmp_path)["status"] == "ok"
+    assert "resuming at step 10 run" in (tmp_path / "log.txt").read_text()
+
+
+def test_thread_count_is_part_of_the_run(tmp_path):
+    """Same spec and thread count: bit-identical losses. The count is in the spec (and its id) and in result.json;
+    a checkpoint written with another count is refused, never mixed into the run."""
+    two = make_spec(steps=20, train_overrides={"threads": 2})
+    assert two.run_id != make_spec(steps=20).run_id
+    a, b = train_run(two, tmp_path / "a"), train_run(two, tmp_path / "b")
+    assert a["threads"] == 2 and a["final_eval_loss"] == b["final_eval_loss"]
+    assert [m["train_loss"] for m in files(tmp_path / "a")[0]["metrics"]] == \
+        [m["train_loss"] for m in files(tmp_path / "b")[0]["metrics"]]
+    one = make_spec(steps=20)
+    train_run(one, tmp_path / "c", stop_after_steps=10)
+    state = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)
+    assert state["threads"] == 1
+    torch.save({**state, "threads": 2}, tmp_path / "c" / "checkpoint.pt")
+    with pytest.raises(ValueError, match="written with 2 CPU threads, this process has 1"):
+        train_run(one, tmp_path / "c")
+
+
+def test_a_checkpoint_without_a_thread_count_is_not_resumed(tmp_path):
+    """Checkpoints of the previous release record no thread count (it was cores / workers): the run starts over
+    rather than mix two counts."""
+    spec = make_spec(steps=20)
+    full = train_run(spec, tmp_path / "full")
+    train_run(spec, tmp_path / "old", stop_after_steps=10)
+    state = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=False)
+    del state["threads"]
+    torch.save(state, tmp_path / "old" / "checkpoint.pt")
+    resumed = train_run(spec, tmp_path / "old")
+    assert resumed["final_eval_loss"] == full["final_eval_loss"]
+    text = (tmp_path / "old" / "log.txt").read_text()
+    assert "checkpoint.pt does not load (ValueError: it was written before checkpoints recorded" in text
+    assert "resuming at step" not in text
