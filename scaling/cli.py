@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -10,15 +11,17 @@ import traceback
 from pathlib import Path
 
 import click
-import duckdb
 
-from scaling.config import ConfigError, load_sweep
+from scaling.config import ConfigError, RunSpec, SweepConfig, load_sweep
 from scaling.output import FORMATS, emit, emit_json, err
 
 FORMAT = click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
                       help="table for people; csv or json for scripts")
 DB = click.option("--db", type=click.Path(dir_okay=False), default=None,
                   help="DuckDB results file [default: $SCALING_DB or ./scaling.duckdb]")
+MAX_RUNS = click.option("--max-runs", type=click.IntRange(min=1), default=10_000, show_default=True,
+                        help="refuse a sweep that can plan more runs than this (a typo can ask for millions)")
+FORCE = click.option("--force", is_flag=True, help="plan however many runs the sweep asks for (no --max-runs cap)")
 RUNS_DIR = click.option("--runs-dir", type=click.Path(file_okay=False), default=None,
                         help="where run files go [default: $SCALING_RUNS or ./runs]")
 
@@ -31,14 +34,15 @@ def runs_root(path: str | None) -> Path:
     return Path(path or os.environ.get("SCALING_RUNS") or "runs").absolute()
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that are the user's input, printed as one line."""
-    from scaling.data import DataError
-    from scaling.executors import ExecutorError
-    from scaling.laws import FitError
-    from scaling.store import StoreError
+USER_ERRORS = {"scaling.store": "StoreError", "scaling.laws": "FitError", "scaling.data": "DataError",
+               "scaling.executors": "ExecutorError", "duckdb": "Error"}  # module: exception that is the user's input
 
-    return (StoreError, FitError, DataError, ExecutorError, duckdb.Error, FileNotFoundError)
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that are the user's input, printed as one line. Only modules already imported can have raised
+    one, so none is imported here (``scaling.data`` alone would cost seconds of torch import)."""
+    loaded = [getattr(sys.modules[module], name) for module, name in USER_ERRORS.items() if module in sys.modules]
+    return (*loaded, FileNotFoundError)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,11 +55,14 @@ def cli() -> None:
 @click.argument("sweep_file", type=click.Path())
 @FORMAT
 @click.option("--dropped", is_flag=True, help="print the dropped points instead of the planned runs")
-def grid(sweep_file: str, fmt: str, dropped: bool) -> None:
+@MAX_RUNS
+@FORCE
+def grid(sweep_file: str, fmt: str, dropped: bool, max_runs: int, force: bool) -> None:
     """Plan a sweep: every (budget, sparsity, size, seed) run with exact FLOPs and a stable run_id."""
+    sweep = load_sweep(sweep_file)  # before the heavy imports: a config error is printed at once
     from scaling.grid import plan, summarize
 
-    planned = plan(load_sweep(sweep_file))
+    planned = plan(capped(sweep, max_runs, force))
     frame = planned.dropped if dropped else planned.runs.drop(columns="spec")
     if fmt == "table" and not dropped:
         frame = frame[GRID_COLUMNS + (["role", "trunk_id", "flops_spent"] if (frame.role != "run").any() else [])]
@@ -80,24 +87,27 @@ def grid(sweep_file: str, fmt: str, dropped: bool) -> None:
 @click.option("--retries", type=click.IntRange(min=0), default=1, show_default=True, help="retries of failed runs")
 @click.option("--dry-run", is_flag=True, help="print what would run, with FLOPs and estimated time")
 @click.option("--quick", is_flag=True, help="a reduced version of the sweep (smoke test)")
+@MAX_RUNS
+@FORCE
 @FORMAT
 def run(sweep_file: str | None, db: str | None, runs_dir: str | None, one: str | None, executor: str,
         workers: int, max_parallel: int | None, partition: str | None, time_min: int | None,
         cpus_per_task: int | None, gpus_per_node: int | None, retries: int, dry_run: bool, quick: bool,
-        fmt: str) -> None:
+        max_runs: int, force: bool, fmt: str) -> None:
     """Train every run of a sweep that is not done yet and ingest the results (resumable)."""
     if one is not None:
         run_one(one, runs_dir)
         return
     if sweep_file is None:
         raise click.UsageError("give a SWEEP_FILE, or --one JSON")
+    sweep = load_sweep(sweep_file)
     from scaling.sweep import execute_sweep
 
-    sweep = load_sweep(sweep_file)
     if quick:
         from scaling.grid import quick as reduce
 
         sweep = reduce(sweep)
+    sweep = capped(sweep, max_runs, force)
     options = {k: v for k, v in dict(partition=partition, time_min=time_min, cpus_per_task=cpus_per_task,
                                      gpus_per_node=gpus_per_node, max_parallel=max_parallel).items()
                if v is not None}
@@ -112,14 +122,19 @@ def run(sweep_file: str | None, db: str | None, runs_dir: str | None, one: str |
         sys.exit(1)  # the summary said which runs failed; finished ones are stored
 
 
+def capped(sweep: SweepConfig, max_runs: int, force: bool) -> SweepConfig:
+    """``sweep``, unless it can plan more runs than ``--max-runs`` and there is no ``--force``: then a
+    ConfigError saying how many."""
+    from scaling.grid import check_size
+
+    check_size(sweep, None if force else max_runs)
+    return sweep
+
+
 def run_one(spec_json: str, runs_dir: str | None) -> None:
-    from scaling.config import RunSpec
+    spec = one_spec(spec_json)
     from scaling.train import train_run
 
-    try:
-        spec = RunSpec.from_dict(json.loads(spec_json))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--one: not valid JSON: {e}") from None
     result = train_run(spec, runs_root(runs_dir) / spec.run_id)
     emit_json(result)
 
@@ -151,6 +166,38 @@ def branch_check(sweep_file: str, db: str | None, runs_dir: str | None, fmt: str
     finally:
         con.close()
     emit(table, fmt, title=f"final eval loss, branches - dedicated ({sweep.name} against {twin.name})")
+
+
+def show_progress() -> None:
+    """Progress lines of long fits (``scaling.optimize`` logs them) on stderr, never on stdout."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("fit: %(message)s"))
+    logger = logging.getLogger("scaling.optimize")
+    logger.handlers[:] = [handler]  # one handler, on this run's stderr
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def one_spec(spec_json: str) -> RunSpec:
+    """``--one JSON``: a RunSpec as ``spec.json`` holds it (its ``run_id`` must be the spec's own) that trains at
+    least one step; anything else is a ConfigError."""
+    try:
+        raw = json.loads(spec_json)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--one: not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--one: expected a JSON object (a run spec, as in runs/<id>/spec.json), "
+                          f"got a {type(raw).__name__}")
+    given = raw.pop("run_id", None)
+    spec = RunSpec.from_dict(raw)
+    if given is not None and given != spec.run_id:
+        raise ConfigError(f"--one: run_id {given!r} is not this spec's id ({spec.run_id}): the spec was edited; "
+                          "drop run_id")
+    batch = spec.train.batch_size * spec.model.context
+    if spec.steps < 1:
+        raise ConfigError(f"--one: tokens = {spec.tokens} is less than one batch (batch_size × context = {batch} "
+                          "tokens): nothing to train")
+    return spec
 
 
 @cli.command()
@@ -209,8 +256,8 @@ def frozen_options(law: str, pairs: tuple[str, ...]) -> dict:
                                      param_hint="--freeze") from None
     if not values:
         return {}
-    if law == "isoflop":
-        raise click.BadParameter("the isoflop law has no parameters to freeze", param_hint="--freeze")
+    if law in ("isoflop", "sparsity-vertex"):
+        raise click.BadParameter(f"the {law} law has no parameters to freeze", param_hint="--freeze")
     if law == "envelope":
         if set(values) != {"L_inf"}:
             raise click.BadParameter("the envelope law can pin L_inf only", param_hint="--freeze")
@@ -221,9 +268,11 @@ def frozen_options(law: str, pairs: tuple[str, ...]) -> dict:
 @cli.command()
 @click.argument("sweep", required=False)
 @click.option("--law", type=click.Choice(["isoflop", "chinchilla", "data-constrained", "sparsity", "envelope",
-                                          "approach1"]), required=True,
+                                          "approach1", "sparsity-vertex"]), required=True,
               help="approach1 (Chinchilla's first method) fits training curves: the sweep's stored curves, or a "
-                   "--csv of curve points (run_id, params, tokens, loss[, flops])")
+                   "--csv of curve points (run_id, params, tokens, loss[, flops]); sparsity-vertex: the optimal "
+                   "sparsity under plenty and scarce data from isoFLOP vertices (needs runs at 2+ unique-token "
+                   "limits)")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
               help="fit an external CSV (columns params, active_params, tokens, unique_tokens, sparsity, flops, loss)")
 @click.option("--column", "columns", multiple=True, metavar="OURS=THEIRS",
@@ -249,8 +298,6 @@ def fit(sweep: str | None, law: str, csv_path: str | None, columns: tuple[str, .
         sparsity: float | None, freeze: tuple[str, ...], bootstrap: int, budget: float | None,
         unique_tokens: float | None, seed: int, holdout: int | None, db: str | None, fmt: str) -> None:
     """Fit a scaling law to a sweep's runs (saved in the store) or to a CSV."""
-    from scaling.fitting import fit_frame, fit_sweep, result_table
-
     if law == "approach1":
         fit_approach1(sweep, csv_path, columns, where, sparsity, bootstrap, budget, seed, db, fmt)
         return
@@ -265,12 +312,15 @@ def fit(sweep: str | None, law: str, csv_path: str | None, columns: tuple[str, .
         raise click.BadParameter(f"{sparsity} is not a sparsity in [0, 1)", param_hint="--sparsity")
     options = dict(where=where, sparsity=sparsity, bootstrap=bootstrap, budget=budget, unique_tokens=unique_tokens,
                    seed=seed, **frozen_options(law, freeze))
+    if not csv_path and not sweep:
+        raise click.UsageError("give a SWEEP (from the store) or --csv PATH")
+    show_progress()
+    from scaling.fitting import fit_frame, fit_sweep, result_table
+
     if csv_path:
         result = fit_frame(csv_path, law, columns=assignments(columns, "--column", "OURS=THEIRS"), **options)
-    elif sweep:
-        result = fit_sweep(db, sweep_name(sweep), law, **options)
     else:
-        raise click.UsageError("give a SWEEP (from the store) or --csv PATH")
+        result = fit_sweep(db, sweep_name(sweep), law, **options)
     if fmt == "json":
         emit_json(result)
     else:

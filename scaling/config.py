@@ -353,7 +353,11 @@ class Schedule:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """A sweep file: budgets x sparsities x active-parameter sizes under a unique-token limit."""
+    """A sweep file: budgets x sparsities x active-parameter sizes under a unique-token limit U.
+
+    ``unique_tokens = [U1, U2]`` sweeps U as well: ``unique_tokens`` is then the largest and
+    ``unique_token_levels`` all of them (ascending); with one U, ``unique_token_levels`` is empty.
+    """
 
     name: str
     budgets: tuple[float, ...]
@@ -376,6 +380,12 @@ class SweepConfig:
     lr_ref_width: int = 0
     executor: dict[str, Any] = field(default_factory=dict)
     path: str = ""
+    unique_token_levels: tuple[int, ...] = ()
+
+    @property
+    def unique_token_values(self) -> tuple[int, ...]:
+        """Every unique-token limit U the sweep plans, ascending."""
+        return self.unique_token_levels or (self.unique_tokens,)
 
 
 TOP_KEYS = ["name", "corpus", "tokenizer", "vocab_size", "context", "unique_tokens", "budgets", "max_epochs",
@@ -450,6 +460,18 @@ def parse_variants(section: Any) -> tuple[Variant, ...]:
     return tuple(dict.fromkeys(variants))
 
 
+def unique_token_list(value: Any) -> tuple[int, ...]:
+    """``unique_tokens``: one whole number, or a list of 2+ distinct ones (U as a swept axis), ascending."""
+    if not isinstance(value, list):
+        return (int(positive(value, "unique_tokens")),)
+    if len(value) < 2:
+        raise ConfigError(f"unique_tokens as a list needs 2 or more values (or give one number), got {value!r}")
+    levels = tuple(sorted(whole(v, f"unique_tokens[{i}]") for i, v in enumerate(value)))
+    if len(set(levels)) < len(levels):
+        raise ConfigError(f"unique_tokens lists a value twice: {value!r}")
+    return levels
+
+
 def seed_list(value: Any, key: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not value or not all(
             isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value):
@@ -488,6 +510,7 @@ def parse_sweep(raw: dict[str, Any], path: str = "") -> SweepConfig:
         elif key != "partition":
             whole(value, f"executor.{key}")
     seeds = seed_list(raw.get("seeds", [0]), "seeds")
+    unique = unique_token_list(raw["unique_tokens"])
     repeat_seeds = seed_list(repeat["seeds"], "repeat.seeds") if "seeds" in repeat else ()
     if not isinstance(raw.get("corpus", ""), str):
         raise ConfigError(f"corpus must be a name or a path (a string), got {raw['corpus']!r}")
@@ -501,7 +524,7 @@ def parse_sweep(raw: dict[str, Any], path: str = "") -> SweepConfig:
         name=name,
         budgets=tuple(sorted(number_list(raw["budgets"], "budgets"))),
         variants=parse_variants(raw["sparsity"]),
-        unique_tokens=int(positive(raw["unique_tokens"], "unique_tokens")),
+        unique_tokens=unique[-1],
         corpus=str(raw.get("corpus", "shakespeare")),
         tokenizer=tokenizer,
         vocab_size=vocab,
@@ -519,6 +542,7 @@ def parse_sweep(raw: dict[str, Any], path: str = "") -> SweepConfig:
         lr_ref_width=lr_ref,
         executor=dict(executor),
         path=path,
+        unique_token_levels=unique if len(unique) > 1 else (),
     )
 
 
@@ -529,6 +553,12 @@ def load_sweep(path: str | Path) -> SweepConfig:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such sweep file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a sweep file (a .toml)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a sweep file is TOML text)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: malformed TOML: {e}") from None
     try:

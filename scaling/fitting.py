@@ -9,10 +9,13 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from scaling.laws import FitError, fit_law
+from scaling.laws import LAWS, FitError, fit_law, summarize
+from scaling.sparsity_vertex import SparsityVertex, law_checks
+from scaling.sqlquery import QueryError, read_only_statement
 from scaling.store import connect, literal, save_fit
 
 ONE_SPARSITY = ("isoflop", "chinchilla", "data-constrained")  # the laws that know nothing of sparsity
+NUMERIC = ("params", "active_params", "tokens", "unique_tokens", "sparsity", "flops", "loss")  # the convention
 
 
 def complete_columns(frame: pd.DataFrame) -> pd.DataFrame:
@@ -46,14 +49,18 @@ def read_points(csv_path: str | Path, where: str | None = None) -> pd.DataFrame:
     """A CSV's rows, optionally only those matching ``where`` (a DuckDB SQL condition on its columns)."""
     try:
         frame = pd.read_csv(csv_path)
+    except pd.errors.EmptyDataError:
+        raise FitError(f"{csv_path} is empty (expected a header line and rows)") from None
     except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise FitError(f"cannot read {csv_path}: {e}") from None
+        raise FitError(f"cannot read {csv_path}: {' '.join(str(e).split())}") from None
+    if frame.empty:
+        raise FitError(f"{csv_path} has a header but no rows")
     if where is None:
         return frame
     con = duckdb.connect()
     try:
         con.register("points", frame)
-        selected = query(con, f"SELECT * FROM points WHERE {where}", [], where)
+        selected = query(con, f"SELECT * FROM points WHERE {condition(where)}", [], where)
     finally:
         con.close()
     if selected.empty:
@@ -61,9 +68,18 @@ def read_points(csv_path: str | Path, where: str | None = None) -> pd.DataFrame:
     return selected
 
 
+def condition(where: str) -> str:
+    """A ``--where`` condition as a term of a larger query: parenthesized; a trailing ``-- comment`` ends at a
+    line break before the parenthesis."""
+    return f"({where}\n)" if "--" in where else f"({where})"
+
+
 def query(con: duckdb.DuckDBPyConnection, sql: str, args: list, where: str | None) -> pd.DataFrame:
+    """Run a query built around a user's ``--where``: exactly one read-only statement, or a one-line FitError."""
     try:
-        return con.execute(sql, args).df()
+        return con.execute(read_only_statement(sql), args).df()
+    except QueryError as e:
+        raise FitError(f"--where {where!r}: {e}") from None
     except duckdb.Error as e:
         raise FitError(f"--where {where!r}: {str(e).splitlines()[0]}") from None
 
@@ -77,20 +93,57 @@ def csv_points(csv_path: str | Path, law: str, columns: dict[str, str] | None = 
     frame = convention_columns(read_points(csv_path, where), columns, csv_path)
     if "loss" not in frame:
         raise FitError(f"{csv_path} has no 'loss' column (columns: {', '.join(frame.columns)})")
-    frame = complete_columns(frame)
+    duplicated = frame.duplicated()
+    frame = complete_columns(numeric(frame[~duplicated], csv_path))
     if sparsity is not None:
         kept = frame[np.isclose(frame["sparsity"], sparsity, rtol=0, atol=1e-6)]
         if kept.empty:
             raise FitError(f"{csv_path} has no rows at sparsity {sparsity:g} "
                            f"(it has {levels(frame['sparsity'])})")
         frame = kept
-    return one_sparsity(frame, law, csv_path)
+    frame = one_sparsity(frame, law, csv_path)
+    frame.attrs["duplicates"] = int(duplicated.sum())
+    return frame
 
 
 def fit_frame(csv_path: str | Path, law: str, columns: dict[str, str] | None = None, where: str | None = None,
               sparsity: float | None = None, **options: Any) -> dict[str, Any]:
     """Fit a law to an external CSV with the shared column convention (see ``csv_points``)."""
-    return fit_law(csv_points(csv_path, law, columns, where, sparsity), law, **options)
+    points = csv_points(csv_path, law, columns, where, sparsity)
+    result = fit_checked(points, law, **options)
+    if points.attrs.get("duplicates"):  # a copied row would count twice, and the bootstrap overstate certainty
+        result["notes"] = [*result.get("notes", []), f"{points.attrs['duplicates']} duplicate rows of {csv_path} "
+                           "(every column equal to an earlier row's) were dropped: each point is fitted once"]
+    return result
+
+
+def numeric(frame: pd.DataFrame, source: str | Path) -> pd.DataFrame:
+    """``frame`` if every convention column in it holds numbers (empty cells allowed), else a FitError naming the
+    first cell that is not one (e.g. "1,000": thousands separators are not numbers)."""
+    for column in (c for c in NUMERIC if c in frame and not pd.api.types.is_numeric_dtype(frame[c])):
+        if pd.api.types.is_bool_dtype(frame[column]):
+            continue
+        bad = pd.to_numeric(frame[column], errors="coerce").isna() & frame[column].notna()
+        row = int(np.flatnonzero(bad.to_numpy())[0]) if bad.any() else 0
+        raise FitError(f"{source}: column {column!r} must hold numbers, but row {row + 1} has "
+                       f"{frame[column].iloc[row]!r} (write numbers without thousands separators)")
+    return frame
+
+
+def fit_checked(frame: pd.DataFrame, law: str, **options: Any) -> dict[str, Any]:
+    """``fit_law``; for the sparsity law on runs at 2+ unique-token limits, plus its cross-check against the
+    isoFLOP vertices (``sparsity_vertex.law_checks``) in the notes."""
+    if law != "sparsity" or "unique_tokens" not in frame or frame["unique_tokens"].nunique() < 2:
+        return fit_law(frame, law, **options)
+    budget, unique = options.pop("budget", None), options.pop("unique_tokens", None)
+    model = LAWS[law](**options).fit(frame)
+    result = summarize(model, law, budget, unique)
+    try:
+        vertex = SparsityVertex(**{k: options[k] for k in ("bootstrap", "seed", "level") if k in options}).fit(frame)
+        result["notes"] += law_checks(model, vertex, frame)
+    except FitError as e:
+        result["notes"].append(f"not cross-checked against the isoFLOP vertices: {e}")
+    return result
 
 
 def levels(sparsity: pd.Series) -> str:
@@ -113,7 +166,7 @@ def points_sql(where: str | None = None, sparsity: float | None = None, sweep: s
     if sparsity is not None:
         conditions.append(f"abs(sparsity - {float(sparsity)!r}) < 1e-6")
     if where:
-        conditions.append(f"({where})")
+        conditions.append(condition(where))
     return f"SELECT * FROM isoflop_points WHERE {' AND '.join(conditions)} ORDER BY budget, active_params"
 
 
@@ -141,7 +194,7 @@ def fit_sweep(db: str | None, sweep: str, law: str, where: str | None = None, sp
               **options: Any) -> dict[str, Any]:
     """Fit a law to a sweep's finished runs (optionally selected) and save it in the ``fits`` table."""
     frame = one_sparsity(sweep_points(db, sweep, where, sparsity), law, f"sweep {sweep!r}")
-    result = fit_law(frame, law, **options)
+    result = fit_checked(frame, law, **options)
     result["options"] = {k: options[k] for k in ("frozen", "l_inf") if k in options}  # to refit it (predict)
     con = connect(db)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
 
@@ -82,16 +83,45 @@ def target_sizes(budget: float, sweep: SweepConfig) -> np.ndarray:
     return np.geomspace(center / half, center * half, sizes.count)
 
 
+MAX_SIZES = 256  # sizes per budget and sparsity; more cannot be distinct shapes under any sane shape rules
+
+
+def seeds_for(budget: float, sweep: SweepConfig) -> list[int]:
+    """The seeds run at ``budget``: the sweep's, plus the repeat seeds at the repeat budgets (or at all)."""
+    seeds = list(sweep.seeds)
+    if any(math.isclose(budget, b, rel_tol=1e-9) for b in sweep.repeat_budgets) or (
+        sweep.repeat_seeds and not sweep.repeat_budgets
+    ):
+        seeds += [s for s in sweep.repeat_seeds if s not in seeds]
+    return seeds
+
+
+def check_size(sweep: SweepConfig, max_runs: int | None) -> int:
+    """The most runs the sweep can plan (before dropped points), counted without planning it; a ConfigError
+    when that exceeds ``max_runs`` (None: no cap), so one typo cannot queue a million runs."""
+    bounded_sizes(sweep)
+    most = sum(len(seeds_for(b, sweep)) for b in sweep.budgets) * len(sweep.variants) * sweep.sizes.count
+    if max_runs is not None and most > max_runs:
+        raise ConfigError(f"{sweep.path or sweep.name}: up to {most:,} runs ({len(sweep.budgets)} budgets × "
+                          f"{len(sweep.variants)} sparsities × {sweep.sizes.count} sizes × seeds), over the cap of "
+                          f"{max_runs:,}: raise --max-runs or pass --force if you mean it")
+    return most
+
+
+def bounded_sizes(sweep: SweepConfig) -> None:
+    """A ConfigError if ``sizes.count`` is over MAX_SIZES (a typo that would plan for hours)."""
+    if sweep.sizes.count > MAX_SIZES:
+        raise ConfigError(f"{sweep.path or sweep.name}: sizes.count = {sweep.sizes.count:,} is over the limit of "
+                          f"{MAX_SIZES} sizes per budget and sparsity")
+
+
 def plan(sweep: SweepConfig) -> Plan:
-    """Enumerate every (budget, sparsity, size, seed) point, derive D and epochs, drop impossible points."""
+    """Enumerate every (budget, sparsity, size, U, seed) point, derive D and epochs, drop impossible points."""
+    bounded_sizes(sweep)
     rows, dropped = [], []
     batch_tokens = sweep.train.batch_size * sweep.context
     for budget in sweep.budgets:
-        seeds = list(sweep.seeds)
-        if any(math.isclose(budget, b, rel_tol=1e-9) for b in sweep.repeat_budgets) or (
-            sweep.repeat_seeds and not sweep.repeat_budgets
-        ):
-            seeds += [s for s in sweep.repeat_seeds if s not in seeds]
+        seeds = seeds_for(budget, sweep)
         for variant in sweep.variants:
             shapes: dict = {}
             for target in (lattice_sizes if sweep.schedule.on_lattice else target_sizes)(budget, sweep):
@@ -100,12 +130,14 @@ def plan(sweep: SweepConfig) -> Plan:
                     dropped.append({**describe(budget, variant, cfg, target), "reason": DUPLICATE_SHAPE})
                     continue
                 shapes[cfg] = target
-            for cfg, target in shapes.items():
+            for (cfg, target), unique in itertools.product(shapes.items(), sweep.unique_token_values):
                 fpt = train_flops_per_token(cfg)
                 steps = round(budget / (fpt * batch_tokens))
                 tokens = steps * batch_tokens
-                epochs = tokens / sweep.unique_tokens
+                epochs = tokens / unique
                 point = {**describe(budget, variant, cfg, target), "steps": steps, "epochs": epochs}
+                if sweep.unique_token_levels:
+                    point["unique_tokens"] = unique
                 if steps and abs(fpt * tokens / budget - 1) > BUDGET_TOLERANCE:
                     dropped.append({**point, "reason": f"budget missed by more than {BUDGET_TOLERANCE:.0%} "
                                     "(too few steps to round to)"})
@@ -118,7 +150,7 @@ def plan(sweep: SweepConfig) -> Plan:
                     continue
                 train = with_lr(sweep.train, cfg.d_model, sweep.lr_ref_width)
                 for seed in seeds:
-                    spec = RunSpec(model=cfg, train=train, tokens=tokens, unique_tokens=sweep.unique_tokens,
+                    spec = RunSpec(model=cfg, train=train, tokens=tokens, unique_tokens=unique,
                                    seed=seed, corpus=sweep.corpus, tokenizer=sweep.tokenizer)
                     rows.append(row_for(spec, budget))
     runs = pd.DataFrame(rows, columns=COLUMNS)
@@ -163,9 +195,12 @@ def summarize(dropped: list[dict] | pd.DataFrame) -> str:
     return ", ".join(f"{n} × {r}" for r, n in reasons.value_counts().items()) or "none"
 
 
-def quick(sweep: SweepConfig, budgets: int = 2, variants: int = 2, sizes: int = 3) -> SweepConfig:
-    """A reduced copy of a sweep (smallest budgets, dense + the sparsest variants, fewer sizes) for smoke tests."""
+def quick(sweep: SweepConfig, budgets: int = 2, variants: int = 2, sizes: int = 3,
+          span: float | None = None) -> SweepConfig:
+    """A reduced copy of a sweep (smallest budgets, dense + the sparsest variants, fewer sizes, over at most
+    ``span`` when given; every U) for smoke tests."""
     keep = (sweep.variants[:1] + sweep.variants[1:][-(variants - 1):]) if variants > 1 else sweep.variants[:1]
     return replace(sweep, name=f"{sweep.name}-quick", budgets=sweep.budgets[:budgets], variants=keep,
-                   sizes=replace(sweep.sizes, count=min(sizes, sweep.sizes.count)), repeat_seeds=(),
+                   sizes=replace(sweep.sizes, count=min(sizes, sweep.sizes.count),
+                                 span=min(span or sweep.sizes.span, sweep.sizes.span)), repeat_seeds=(),
                    repeat_budgets=())

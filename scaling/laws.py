@@ -29,8 +29,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
-import statsmodels.api as sm
-from scipy import stats
 
 from scaling.bootstrap import percentile_intervals, resample_weights
 from scaling.optimize import Prune, lbfgs, newton
@@ -42,7 +40,7 @@ HOFFMANN_GRID = {"a": np.arange(0, 30, 5.0), "b": np.arange(0, 30, 5.0), "e": np
 R_STAR_GRID = (1.0, 5.0, 15.0, 50.0, 200.0)
 R_STAR_BOUNDS = (0.01, 1e4)
 MUENNIGHOFF_R_D_STAR = 15.388
-"""R_D* of Muennighoff et al. (2023), fitted on their 182 C4 runs: ``Sparsity``'s default."""
+"""R_D* of Muennighoff et al. (2023), fitted on their 182 C4 runs: where ``Sparsity`` pins it."""
 SPARSITY_GRID = {"log_e": (-0.5, 0.5), "log_a": (5.0, 15.0), "alpha": (0.3, 0.8), "log_b": (5.0, 15.0),
                  "beta": (0.3, 0.8), "log_c": (-5.0, 0.0), "lambda": (-0.5, 0.5), "log_d": (5.0, 15.0),
                  "delta": (0.0, 1.0), "gamma": (0.3, 0.8)}
@@ -872,6 +870,8 @@ class DataConstrained(_Parametric):
         objective = LogSumObjective(self._terms(data), data["y"], self.huber_delta)
         resid = objective.log_prediction(theta[None])[0] - data["y"]
         scale = _huber_dispersion(resid, self.huber_delta)
+        from scipy import stats  # imported where used (as statsmodels below): seconds a CLI error must not wait
+
         limit = self.objective_ + stats.chi2.ppf(self.level, 1) / 2 * scale
         offsets = np.array([0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2, 3, 4.5, 6.5, 9.5, 14])
         for j, star in ((5, "R_D_star"), (6, "R_N_star")):
@@ -949,6 +949,8 @@ def _huber_dispersion(resid: np.ndarray, delta: float) -> float:
     """E[ψ²]/E[ψ′] of the Huber ψ = clip(r, ±δ) over the residuals, with E[ψ′] = P(|r| ≤ δ) smoothed by a
     Gaussian kernel (Silverman's bandwidth): the scale turning an objective difference into a likelihood
     ratio."""
+    from scipy import stats
+
     spread = min(resid.std(), stats.iqr(resid) / 1.34) or resid.std() or delta
     h = 0.9 * spread * len(resid) ** -0.2
     inside = np.mean(stats.norm.cdf((delta - resid) / h) - stats.norm.cdf((-delta - resid) / h))
@@ -981,14 +983,29 @@ def total_params_from_runs(points: pd.DataFrame) -> Callable[[np.ndarray, np.nda
     return total
 
 
+def spans_epochs(frame: pd.DataFrame, runs: int = 5, factor: float = 4.0) -> tuple[float, float] | None:
+    """The (fewest, most) epochs of the repeated runs (epochs = tokens/unique_tokens > 1) when at least ``runs``
+    repeat data and their epochs span ``factor`` or more: enough to measure a repetition penalty; else None."""
+    if not {"tokens", "unique_tokens"} <= set(frame):
+        return None
+    epochs = (pd.to_numeric(frame["tokens"], errors="coerce")
+              / pd.to_numeric(frame["unique_tokens"], errors="coerce")).to_numpy(float)
+    repeated = epochs[np.isfinite(epochs) & (epochs > 1)]
+    if len(repeated) < runs or repeated.max() < factor * max(repeated.min(), 1.0):
+        return None
+    return float(repeated.min()), float(repeated.max())
+
+
 class Sparsity(_Parametric):
     """Sparsity-aware law of Abnar et al. (2025), their Eq. 6:
     L(N, D, S) = e + a/N^α + b/D^β + c/(1−S)^λ + d/((1−S)^δ·N^γ), N = total params, S = sparsity.
 
     With ``unique_tokens`` (finite), D is the effective data D′ of Muennighoff et al. (2023); rows with a
-    missing or infinite U repeat nothing. R_D* is frozen at their 15.388 by default, because the repetition
-    penalty is weakly identified even on their 182 runs and a sweep fitting ten other parameters cannot pin it
-    down; ``r_d_star=None`` fits it (start grid ``grid["log_R_D_star"]``). ``total_params(n_active, s)`` maps
+    missing or infinite U repeat nothing. R_D* (``r_d_star``): "auto" (default) fits it when the runs span
+    several epoch counts (``spans_epochs``: the repetition penalty is then measured, not assumed) and otherwise
+    pins it at their 15.388, because it is weakly identified even on their 182 runs; a number pins it there
+    (as does ``frozen={"R_D_star": …}``), None always fits it (start grid ``grid["log_R_D_star"]``); the notes
+    say which. ``total_params(n_active, s)`` maps
     active to total params in ``optimum``; by default it is learnt from the fitted runs' own params and
     active_params (``total_params_from_runs``), which is Abnar et al.'s N_active/(1 − S) when every parameter
     is in a routed expert.
@@ -1001,17 +1018,48 @@ class Sparsity(_Parametric):
             ("delta", "delta", False), ("gamma", "gamma", False), ("log_R_D_star", "R_D_star", True))
     default_grid = {**SPARSITY_GRID, "log_R_D_star": np.log(R_STAR_GRID)}
 
-    def __init__(self, *, r_d_star: float | None = MUENNIGHOFF_R_D_STAR,
+    def __init__(self, *, r_d_star: float | str | None = "auto",
                  frozen: dict[str, float] | None = None,
                  total_params: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, **options: Any):
-        pinned = {} if r_d_star is None else {"R_D_star": r_d_star}
+        pinned = {} if r_d_star is None or r_d_star == "auto" else {"R_D_star": float(r_d_star)}
         super().__init__(frozen={**pinned, **(frozen or {})}, **options)
+        self.auto_r_d_star = r_d_star == "auto" and "R_D_star" not in self.frozen
         self.total_params = total_params
+        self._warm: np.ndarray | None = None
 
     def fit(self, frame: pd.DataFrame) -> Sparsity:
+        span = spans_epochs(frame) if self.auto_r_d_star else None
+        if self.auto_r_d_star:
+            self.frozen.pop("R_D_star", None)
+            if span is None:
+                self.frozen["R_D_star"] = MUENNIGHOFF_R_D_STAR
+        self._warm = self._pinned_basins(frame) if "R_D_star" not in self.frozen else None
         super().fit(frame)
+        if self.auto_r_d_star:
+            self.notes_.append(f"R_D_star fitted from the runs (repeated runs span {span[0]:.3g}–{span[1]:.3g} "
+                               "epochs)" if span else "R_D_star pinned at Muennighoff et al.'s 15.388: the runs do "
+                               "not span several epoch counts (fewer than 5 repeated runs, or epochs within 4x)")
         self.total_params_ = self.total_params or total_params_from_runs(frame)
         return self
+
+    def _pinned_basins(self, frame: pd.DataFrame) -> np.ndarray:
+        """Starts for a fit with R_D* free: the distinct basins of the fit with R_D* pinned at 15.388, each at
+        every R_D* of the start grid (a fifth of the full grid's starts, and the pinned fit's basins are where
+        the ten other parameters settle)."""
+        pinned = copy.copy(self)
+        pinned.frozen = {**self.frozen, "R_D_star": MUENNIGHOFF_R_D_STAR}
+        pinned._warm = None
+        data = pinned._data(frame, with_loss=True)
+        pinned._validate(data)
+        basins = solve(pinned._terms(data), data["y"], pinned._grid_starts(), pinned._free(),
+                       delta=self.huber_delta).candidates
+        log_r = np.asarray(self.grid["log_R_D_star"], float)
+        starts = np.repeat(basins, len(log_r), axis=0)
+        starts[:, -1] = np.tile(log_r, len(basins))
+        return starts
+
+    def _grid_starts(self, names: Sequence[str] | None = None) -> np.ndarray:
+        return self._warm if names is None and self._warm is not None else super()._grid_starts(names)
 
     def optimum(self, C: float, U: float | None = None, sparsities: Sequence[float] | None = None,
                 params: dict[str, float] | None = None,
@@ -1123,8 +1171,10 @@ def _parabolas(u: np.ndarray, y: np.ndarray, groups: np.ndarray, n_groups: int, 
         v = u[idx] - center
         X = np.stack([np.ones_like(v), v, v * v], axis=1)
         w = W[:, idx]
-        levels, level_of = np.unique(v, return_inverse=True)
-        ok = ((w @ np.eye(len(levels))[level_of]) > 0).sum(axis=1) >= 3  # 3+ distinct sizes drawn
+        order = np.argsort(v, kind="stable")
+        starts = np.flatnonzero(np.r_[True, np.diff(v[order]) != 0])  # the first row of each distinct size
+        level_w = np.add.reduceat(w[:, order], starts, axis=1)  # (R, sizes): no (n, sizes) one-hot matrix
+        ok = (level_w > 0).sum(axis=1) >= 3  # 3+ distinct sizes drawn
         A = np.einsum("rn,ni,nj->rij", w, X, X)
         A[~ok] = np.eye(3)
         coef = np.linalg.solve(A, np.einsum("rn,ni,n->ri", w, X, y[idx])[..., None])[..., 0]
@@ -1194,6 +1244,8 @@ class IsoFLOP(Law):
         fitted = np.isfinite(nv["vertex"]) & np.isfinite(dv["vertex"])
         usable = fitted & nv["in_range"] & dv["in_range"]
         self._coef, self._centers, self._budgets = nv["coef"], point["n"]["center"], data["budgets"]
+        from scipy import stats
+
         z = stats.norm.ppf(0.5 + self.level / 2)
         self.vertices_ = pd.DataFrame({
             "budget": data["budgets"], "n_opt": 10 ** nv["vertex"],
@@ -1212,6 +1264,8 @@ class IsoFLOP(Law):
         if usable.sum() < 2:
             raise FitError(f"{self.name} needs at least 2 budgets with an in-range vertex (3+ distinct sizes "
                            f"each); got {usable.sum()} of {len(data['budgets'])} budgets")
+        import statsmodels.api as sm
+
         log_c = sm.add_constant(np.log10(data["budgets"][usable]))
         for name, k, part in (("a", "k_N", nv), ("b", "k_D", dv)):
             weights = 1 / part["se"][usable] ** 2 if self.weighted else np.ones(usable.sum())
@@ -1455,6 +1509,7 @@ class Envelope(Law):
 
 LAWS: dict[str, type[Law]] = {"isoflop": IsoFLOP, "chinchilla": Chinchilla,
                               "data-constrained": DataConstrained, "sparsity": Sparsity, "envelope": Envelope}
+import scaling.sparsity_vertex  # noqa: E402, F401  (registers "sparsity-vertex"; it builds on this module)
 
 
 def fit_law(frame: pd.DataFrame, law: str, *, bootstrap: int = 0, budget: float | None = None,

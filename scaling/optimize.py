@@ -17,6 +17,8 @@ array operations instead of thousands of Python-level optimiser runs.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +30,8 @@ HessianObjective = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarr
 """``fun(x, rows) -> (f, g, H)``: as ``Objective``, with the Hessians (b, p, p)."""
 
 ARMIJO = 1e-4
+PROGRESS_EVERY = 10.0  # seconds between progress lines of a long minimisation (logged; the CLI shows them)
+LOG = logging.getLogger(__name__)
 EPS = np.finfo(float).eps
 
 
@@ -104,6 +108,7 @@ def newton(fun: HessianObjective, x0: np.ndarray, *, free: np.ndarray | None = N
     G, H = _masked(g[idx], h[idx], mask)
     lam = np.full(len(idx), np.nan)
     nu = np.full(len(idx), 2.0)
+    clock = time.monotonic()
     for it in range(max_iter):
         if it == cheap_steps > 0 and len(idx):  # on in full precision from here
             f_full, g_full, h_full = fun(X, idx)
@@ -137,6 +142,7 @@ def newton(fun: HessianObjective, x0: np.ndarray, *, free: np.ndarray | None = N
         nu = np.where(ok, 2.0, nu * 2)
         x[idx], f[idx], g[idx] = X, F, G
         converged[idx[done]] = True
+        clock = progress(clock, "Newton", it, len(idx), f)
         keep = ~done
         if prune is not None and it + 1 >= prune.after:  # against all of the group's starts, finished or not
             late = it + 1 >= prune.patience
@@ -246,6 +252,7 @@ def lbfgs(fun: Objective, x0: np.ndarray, *, free: np.ndarray | None = None, max
     S, Y = np.zeros((len(idx), memory, dim)), np.zeros((len(idx), memory, dim))
     rho, gamma = np.zeros((len(idx), memory)), np.zeros(len(idx))
     live = np.ones(len(idx), bool)
+    clock = time.monotonic()
     for it in range(max_iter):
         if not live.any():
             break
@@ -282,7 +289,18 @@ def lbfgs(fun: Objective, x0: np.ndarray, *, free: np.ndarray | None = None, max
         converged[idx[moved[stop]]] = True
         live[moved[stop]] = False
         x[idx[run]], f[idx[run]], g[idx[run]] = X[run], F[run], G[run]
+        clock = progress(clock, "L-BFGS", it, int(live.sum()), f)
     return BatchResult(x=x, fun=f, grad=g, n_iter=n_iter, converged=converged)
+
+
+def progress(since: float, method: str, it: int, active: int, f: np.ndarray) -> float:
+    """Log where a minimisation is, at most every PROGRESS_EVERY seconds; returns the time of the last line."""
+    now = time.monotonic()
+    if now - since < PROGRESS_EVERY:
+        return since
+    best = np.min(f) if len(f) else np.nan
+    LOG.info("%s step %d: %d of %d starts still moving, best objective %.6g", method, it + 1, active, len(f), best)
+    return now
 
 
 def _direction(g: np.ndarray, s: np.ndarray, y: np.ndarray, rho: np.ndarray, gamma: np.ndarray,

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import math
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-from rich.console import Console
-from rich.table import Table
+if TYPE_CHECKING:
+    import pandas as pd
 
 FORMATS = ["table", "csv", "json"]
 
@@ -24,6 +23,10 @@ def fmt_value(value: Any) -> str:
 
 def emit(frame: pd.DataFrame, fmt: str = "table", title: str | None = None) -> None:
     """Print ``frame`` to stdout in ``fmt``."""
+    import pandas as pd  # here, not at the top: an error line must not wait for pandas and rich
+    from rich.console import Console
+    from rich.table import Table
+
     if fmt == "csv":
         frame.to_csv(sys.stdout, index=False)
     elif fmt == "json":

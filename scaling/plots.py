@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.colors import to_hex
+from mizani.breaks import breaks_log
 from plotnine import (
     aes,
     element_blank,
@@ -87,8 +88,14 @@ def log_labels(values: Iterable[float]) -> list[str]:
     return labels
 
 
+def log_breaks(limits: tuple[float, float]) -> np.ndarray:
+    """Log-axis breaks: mizani's, but at most four under two decades, where the labels (3.25×10⁴) are long and
+    side-by-side panels would run them into each other."""
+    return breaks_log(n=5 if limits[1] >= 100 * limits[0] else 4)(limits)
+
+
 def log_x(**kwargs) -> scale_x_log10:
-    return scale_x_log10(labels=log_labels, **kwargs)
+    return scale_x_log10(labels=log_labels, **{"breaks": log_breaks, **kwargs})
 
 
 def variant_label(sparsity: float, n_experts: float | None = None, top_k: float | None = None) -> str:
@@ -253,12 +260,13 @@ def isoflop_plot(points: pd.DataFrame | None, vertices: pd.DataFrame | None = No
     data, curves, marks = labels(data), labels(curves), labels(marks)
     ncol, size = facets(len(labels.variants))
     plot = (ggplot(data, aes(x, "loss", color="budget_label"))
-            + geom_line(data=curves, size=0.7)
             + geom_point(size=2, alpha=0.8)
             + facet_wrap("variant", ncol=ncol)
             + log_x() + labels.budget_colors() + style(size)
             + labs(x=f"{AXIS[x]} (log scale)", y=LOSS, shape="",
                    title=f"IsoFLOP profiles: final loss against {AXIS[x]} at fixed compute C"))
+    if len(curves):  # an empty layer would leave the loss axis without a range, hence without ticks
+        plot += geom_line(data=curves, size=0.7)
     bars = marks.dropna(subset=["lo", "hi"])
     if len(bars):
         plot += geom_errorbarh(aes(y="loss_opt", xmin="lo", xmax="hi", color="budget_label"), data=bars,
@@ -711,3 +719,121 @@ def save(plot: ggplot, path_stem: str | Path, dpi: int = 120) -> list[Path]:
     for path in paths:
         plot.save(path, dpi=dpi, verbose=False)
     return paths
+
+
+# ---------------------------------------------------------------------------------------------- plenty vs scarce data
+
+
+def regime_label(frame: pd.DataFrame) -> pd.Series:
+    """'plenty: U = 1e9' / 'scarce: U = 1e5', ordered plenty first (the ``regime`` and ``unique_tokens`` columns)."""
+    text = frame["regime"] + ": U = " + frame["unique_tokens"].map(sci)
+    order = sorted(text.unique(), key=lambda t: (not t.startswith("plenty"), t))
+    return pd.Categorical(text, categories=order, ordered=True)
+
+
+def regime_isoflop_plot(points: pd.DataFrame | None, vertices: pd.DataFrame | None) -> ggplot | None:
+    """IsoFLOP curves per sparsity at the largest budget, plenty and scarce data side by side.
+
+    ``points``: isoflop_points rows (unique_tokens, budget, sparsity, active_params, loss); ``vertices``:
+    ``SparsityVertex.vertices_`` (regime, unique_tokens, budget, sparsity, n_star, n_lo, n_hi, loss_star,
+    loss_lo, loss_hi, in_range). Diamonds: vertices with their intervals in N* and L*; in the scarce panel an
+    arrow runs from each sparsity's plenty vertex (hollow circle) to its scarce vertex.
+    """
+    verts = usable(vertices, ["regime", "unique_tokens", "budget", "sparsity", "n_star", "loss_star"])
+    data = usable(points, ["unique_tokens", "budget", "sparsity", "active_params", "loss"])
+    if verts is None or data is None:
+        return None
+    top = verts["budget"].max()
+    verts = verts[(verts["budget"] == top) & verts["regime"].isin(["plenty", "scarce"])].copy()
+    regimes = verts.drop_duplicates("unique_tokens")[["unique_tokens", "regime"]]
+    data = data[np.isclose(data["budget"], top, rtol=1e-6)].merge(regimes, on="unique_tokens")
+    if data.empty or verts["regime"].nunique() < 2:
+        return None
+    labels = Labels.of(data, verts)
+    curves = fitted_parabolas(verts).merge(regimes, on="unique_tokens")
+    data, curves, verts = (labels(f).assign(panel=lambda f: regime_label(f)) for f in (data, curves, verts))
+    plenty = verts[verts["regime"] == "plenty"].set_index("sparsity")
+    scarce = verts[verts["regime"] == "scarce"]
+    arrows = scarce.assign(x0=scarce["sparsity"].map(plenty["n_star"]),
+                           y0=scarce["sparsity"].map(plenty["loss_star"])).dropna(subset=["x0", "y0"])
+    ghosts = arrows.assign(n_star=arrows["x0"], loss_star=arrows["y0"])
+    verts = verts.assign(where=np.where(verts["in_range"].astype(bool), "isoFLOP vertex (95% CI)",
+                                        "no interior minimum (edge)"))
+    plot = (ggplot(data, aes("active_params", "loss", color="variant"))
+            + geom_line(data=curves, size=0.7)
+            + geom_point(size=1.8, alpha=0.7)
+            + facet_wrap("panel", ncol=2)
+            + log_x() + labels.variant_colors() + style((10.0, 5.0))
+            + labs(x="active parameters N (log scale)", y=LOSS, shape="",
+                   title=f"IsoFLOP curves per sparsity at C = {sci(top)}: plenty vs scarce unique tokens"))
+    bars = usable(verts, ["n_lo", "n_hi", "loss_lo", "loss_hi"])
+    if bars is not None:
+        plot += geom_errorbarh(aes(y="loss_star", xmin="n_lo", xmax="n_hi", color="variant"), data=bars,
+                               height=cap(data["loss"]), size=0.5, inherit_aes=False, show_legend=False)
+        plot += geom_errorbar(aes(x="n_star", ymin="loss_lo", ymax="loss_hi", color="variant"), data=bars,
+                              width=0.03, size=0.5, inherit_aes=False, show_legend=False)
+    if len(arrows):
+        from plotnine import arrow, geom_segment
+
+        plot += geom_segment(aes(x="x0", y="y0", xend="n_star", yend="loss_star", color="variant"), data=arrows,
+                             arrow=arrow(length=0.08, type="closed"), size=0.5, alpha=0.8, inherit_aes=False,
+                             show_legend=False)
+        plot += geom_point(aes("n_star", "loss_star", color="variant"), data=ghosts, shape="o", fill="none",
+                           size=2.5, inherit_aes=False, show_legend=False)
+    plot += geom_point(aes("n_star", "loss_star", color="variant", shape="where"), data=verts, size=3.5,
+                       fill="white", stroke=1.0, inherit_aes=False, show_legend={"color": False})
+    plot += scale_shape_manual(values={"isoFLOP vertex (95% CI)": "D", "no interior minimum (edge)": "X"})
+    return plot
+
+
+def fitted_parabolas(vertices: pd.DataFrame, n: int = 40) -> pd.DataFrame:
+    """The curves ``SparsityVertex`` fitted (c0 + c1·v + c2·v², v = log10 N − center), each drawn over the sizes
+    it was fitted to (``fit_lo``..``fit_hi``), as (unique_tokens, budget, sparsity, active_params, loss) rows."""
+    rows = []
+    for v in vertices.dropna(subset=["c0", "c1", "c2", "fit_lo", "fit_hi"]).itertuples(index=False):
+        grid = np.linspace(v.fit_lo, v.fit_hi, n)
+        u = grid - v.center
+        rows.append(pd.DataFrame({"unique_tokens": v.unique_tokens, "budget": v.budget, "sparsity": v.sparsity,
+                                  "active_params": 10**grid, "loss": v.c0 + v.c1 * u + v.c2 * u * u}))
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
+        columns=["unique_tokens", "budget", "sparsity", "active_params", "loss"])
+
+
+def vertex_sparsity_plot(vertices: pd.DataFrame | None, s_star: pd.DataFrame | None) -> ggplot | None:
+    """L* (isoFLOP vertex loss, 95% CI) against sparsity per budget, plenty and scarce data side by side, with
+    S* per budget (star) and its interval. ``vertices``/``s_star``: ``SparsityVertex.vertices_`` / ``s_star_``."""
+    verts = usable(vertices, ["regime", "unique_tokens", "budget", "sparsity", "loss_star"])
+    if verts is None:
+        return None
+    verts = verts[verts["regime"].isin(["plenty", "scarce"])]
+    labels = Labels.of(verts)
+    verts = labels(verts).assign(x=lambda f: inverse_density(f["sparsity"]), panel=lambda f: regime_label(f))
+    levels = sorted(verts["sparsity"].unique())
+    plot = (ggplot(verts, aes("x", "loss_star", color="budget_label"))
+            + geom_line(size=0.6) + geom_point(size=2.2)
+            + facet_wrap("panel", ncol=2, scales="free_y")
+            + scale_x_continuous(trans="log2", breaks=[inverse_density(s) for s in levels], minor_breaks=[],
+                                 labels=[f"{s:g}" for s in levels])
+            + labels.budget_colors() + style((10.0, 5.0))
+            + labs(x="expert sparsity S = 1 − k/E (spaced as log E/k)", y=f"isoFLOP vertex L* ({LOSS})", shape="",
+                   title="Best achievable loss per sparsity (isoFLOP vertex) and the optimal sparsity S*"))
+    bars = usable(verts, ["loss_lo", "loss_hi"])
+    if bars is not None:
+        plot += geom_errorbar(aes(ymin="loss_lo", ymax="loss_hi"), data=bars, width=0.08, size=0.5,
+                              show_legend=False)
+    stars = usable(s_star, ["unique_tokens", "budget", "S_star"])
+    if stars is not None:
+        low = verts.groupby(["unique_tokens", "budget"], as_index=False)["loss_star"].min()
+        stars = labels(stars[stars["regime"].isin(["plenty", "scarce"])].merge(low, on=["unique_tokens", "budget"]))
+        stars = stars.assign(x=inverse_density(stars["S_star"]), panel=regime_label(stars), kind="S* (95% CI)",
+                             loss_star=stars["loss_star"] - 2 * cap(verts["loss_star"]))
+        intervals = usable(stars, ["S_lo", "S_hi"])
+        if intervals is not None:
+            plot += geom_errorbarh(aes(y="loss_star", xmin="xmin", xmax="xmax"), height=cap(verts["loss_star"]),
+                                   size=0.6, show_legend=False,
+                                   data=intervals.assign(xmin=inverse_density(intervals["S_lo"]),
+                                                         xmax=inverse_density(intervals["S_hi"])))
+        plot += geom_point(aes(shape="kind"), data=stars, size=4, fill="white", stroke=1.0,
+                           show_legend={"color": False})
+        plot += scale_shape_manual(values={"S* (95% CI)": "*"})
+    return plot

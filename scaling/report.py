@@ -12,6 +12,7 @@ import base64
 import html
 import json
 import math
+import textwrap
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any
 import duckdb
 import numpy as np
 import pandas as pd
+from plotnine import element_text, labs, theme
 
 from scaling import plots
 from scaling.bootstrap import percentile_intervals
@@ -29,6 +31,7 @@ from scaling.branches import savings_note
 from scaling.holdout import holdout_fit
 from scaling.laws import LAWS, FitError, Law, summarize
 from scaling.predict import formula, parametric
+from scaling.sparsity_vertex import law_checks
 from scaling.store import StoreError, connect, db_path, literal, runs_frame, save_fit
 
 RUNS_SQL = """SELECT s.budget, r.run_id, r.status, r.sparsity, r.n_experts, r.top_k, r.params, r.active_params,
@@ -67,6 +70,7 @@ class Fit:
     stored: pd.DataFrame | None = None
     frame: pd.DataFrame | None = None
     holdout: dict[str, Any] | str | None = None  # the extrapolation check (``scaling.holdout``), or why not
+    checks: list[str] = field(default_factory=list)
 
     @property
     def table(self) -> pd.DataFrame:
@@ -159,16 +163,28 @@ def similarity_frame(con: duckdb.DuckDBPyConnection, sweep: str,
                                "against run B's checkpoint of nearest eval loss, x: A's tokens")
 
 
+def plenty_points(points: pd.DataFrame) -> tuple[pd.DataFrame, str, str]:
+    """The runs at the sweep's largest unique-token limit (all runs when it has one), the SQL condition selecting
+    them and a title suffix: the one-U analyses (isoFLOP frontier, envelope) of a sweep that sweeps U."""
+    if points["unique_tokens"].nunique() < 2:
+        return points, "", ""
+    plenty = points["unique_tokens"].max()
+    return (points[points["unique_tokens"] == plenty], f" AND unique_tokens = {plenty:.0f}",
+            f", U = {plots.sci(plenty)} (plenty)")
+
+
 def fit_all(data: SweepData, bootstrap: int, budget: float, unique_tokens: float) -> list[Fit]:
     """Every law the sweep supports, each with its optimum at ``budget``: isoFLOP per sparsity, Chinchilla or
     data-constrained on the dense runs (the latter when some dense run repeats data), the sparsity-aware law
-    (with the sweep's own total-params mapping), the envelope."""
+    (with the sweep's own total-params mapping), the envelope, and with 2+ unique-token limits the
+    nonparametric sparsity answer (isoFLOP and envelope then use the plenty runs only)."""
     points = data.points
+    base, where, suffix = plenty_points(points)
     fits = []
-    for sparsity in sorted(points["sparsity"].unique()):
-        fit = Fit("isoflop", f"isoFLOP (Chinchilla approach 2), {plots.variant_label(sparsity)}",
-                  f"{SELECTION_SQL} AND sparsity = {sparsity:g}", sparsity=sparsity)
-        fits.append(run_fit(fit, points[points["sparsity"] == sparsity], bootstrap, budget))
+    for sparsity in sorted(base["sparsity"].unique()):
+        fit = Fit("isoflop", f"isoFLOP (Chinchilla approach 2), {plots.variant_label(sparsity)}{suffix}",
+                  f"{SELECTION_SQL} AND sparsity = {sparsity:g}{where}", sparsity=sparsity)
+        fits.append(run_fit(fit, base[base["sparsity"] == sparsity], bootstrap, budget))
     dense = points[points["sparsity"] == 0]
     if (dense["epochs"] > 1).any():
         fit = Fit("data-constrained", "data-constrained (Muennighoff et al. 2023), dense runs",
@@ -179,9 +195,24 @@ def fit_all(data: SweepData, bootstrap: int, budget: float, unique_tokens: float
                             dense, bootstrap, budget))
     fits.append(run_fit(Fit("sparsity", "sparsity-aware (Abnar et al. 2025), all runs", SELECTION_SQL), points,
                         bootstrap, budget, unique_tokens))
-    fits.append(run_fit(Fit("envelope", "loss envelope and effective compute per sparsity", SELECTION_SQL), points,
-                        bootstrap, budget))
+    fits.append(run_fit(Fit("envelope", f"loss envelope and effective compute per sparsity{suffix}",
+                            SELECTION_SQL + where), base, bootstrap, budget))
+    if points["unique_tokens"].nunique() > 1:
+        fits.append(run_fit(Fit("sparsity-vertex", "optimal sparsity under plenty and scarce data (isoFLOP vertices)",
+                                SELECTION_SQL), points, bootstrap, budget))
+        cross_check(named(fits, "sparsity"), named(fits, "sparsity-vertex"), points)
     return fits
+
+
+def cross_check(law: Fit | None, vertex: Fit | None, points: pd.DataFrame) -> None:
+    """The parametric law's contradictions of the runs and of the vertices' S*, added to its notes."""
+    if law is None or vertex is None or law.model is None or vertex.model is None:
+        return
+    try:
+        law.checks = law_checks(law.model, vertex.model, points)
+    except Exception as e:  # the check must not cost the report
+        law.checks = [f"cross-check with the isoFLOP vertices failed: {type(e).__name__}: {e}"]
+    law.result["notes"] += law.checks
 
 
 def run_fit(fit: Fit, frame: pd.DataFrame, bootstrap: int, budget: float, unique_tokens: float | None = None,
@@ -327,36 +358,78 @@ def named(fits: list[Fit], law: str) -> Fit | None:
     return next((f for f in fits if f.law == law), None)
 
 
+def fitted(fit: Fit | None) -> bool:
+    return fit is not None and fit.model is not None
+
+
+def failures(fits: list[Fit], law: str) -> list[str]:
+    """'<title>: <why>' for every fit of ``law`` that failed."""
+    return [f"{fit.title}: {fit.error}" for fit in fits if fit.law == law and fit.error]
+
+
+def noted(plot: Any, notes: list[str]) -> Any:
+    """``plot`` with a note under it saying which fits failed (so the data are drawn without them)."""
+    if plot is None or not notes:
+        return plot
+    text = "\n".join(textwrap.fill(f"fit failed, not drawn: {note}", 110) for note in notes[:3])
+    return plot + labs(caption=text) + theme(plot_caption=element_text(size=7, ha="left", color="#a33"))
+
+
 def draw(data: SweepData, fits: list[Fit], unique_tokens: float, folder: Path) -> list[Figure]:
-    """Every figure as PNG and SVG under ``folder``; a figure without data says why."""
-    points = data.points
+    """Every figure as PNG and SVG under ``folder``; a figure without data says why. With 2+ unique-token limits
+    the one-U figures show the plenty runs and two figures compare the regimes."""
+    points, _, suffix = plenty_points(data.points)
     verts = vertices(fits, points)
+    vertex = named(fits, "sparsity-vertex")
+    vertex_model = None if vertex is None else vertex.model
+    regimes = vertex.error if vertex is not None and vertex.error else "no plenty vs scarce comparison"
     envelope = named(fits, "envelope")
     envelope_fit = None if envelope is None or envelope.result is None else envelope.table.rename(
         columns={"parameter": "name"})
     moe = "no MoE runs with router statistics"
-    specs: list[tuple[str, str, Callable[[], Any], str]] = [
-        ("isoflop_params", "IsoFLOP profiles against active parameters: parabolas in log N per budget, vertices "
-         "with their interval (crosses: outside the sampled sizes).",
-         lambda: plots.isoflop_plot(points, verts), "no finished runs"),
+    isoflop_failed = failures(fits, "isoflop")
+    sparsity_law, envelope_law, repetition_law = (named(fits, law) for law in ("sparsity", "envelope",
+                                                                                "data-constrained"))
+    profiles = ("; parabolas in log N per budget with 3+ sizes, their vertices marked"
+                + (" with the isoFLOP fit's interval (crosses: outside the sampled sizes)" if verts is not None
+                   else " (no interval: the isoFLOP fits failed)"))
+    compare: list[tuple[str, str, Callable[[], Any], str]] = [
+        ("regimes_isoflop", "IsoFLOP curves per sparsity at the largest budget under plenty and scarce unique "
+         "tokens: each line is the parabola fitted to the sizes nearest that curve's minimum (drawn over those "
+         "sizes), vertices (diamonds) with 95% bootstrap intervals in N* and L*; arrows run from each sparsity's "
+         "plenty vertex (hollow circle) to its scarce vertex.",
+         lambda: plots.regime_isoflop_plot(data.points, getattr(vertex_model, "vertices_", None)), regimes),
+        ("regimes_sparsity", "IsoFLOP vertex loss L* against sparsity per budget, plenty and scarce data side by "
+         "side (bars: 95% bootstrap intervals); stars: the optimal sparsity S* (parabola in log E through the lowest "
+         "three) with its interval.",
+         lambda: plots.vertex_sparsity_plot(getattr(vertex_model, "vertices_", None),
+                                            getattr(vertex_model, "s_star_", None)), regimes),
+    ]
+    specs: list[tuple[str, str, Callable[[], Any], str]] = [*(compare if vertex is not None else []),
+        ("isoflop_params", f"IsoFLOP profiles: final loss against active parameters per budget{suffix}{profiles}.",
+         lambda: noted(plots.isoflop_plot(points, verts), isoflop_failed), "no finished runs"),
         ("isoflop_tokens", "The same profiles against training tokens D = C/(6N).",
-         lambda: plots.isoflop_plot(points, verts, x="tokens"), "no finished runs"),
+         lambda: noted(plots.isoflop_plot(points, verts, x="tokens"), isoflop_failed), "no finished runs"),
         ("frontier", "Compute-optimal N*(C) and D*(C): isoFLOP vertices with power-law lines (bands: lines refitted "
          "to vertices redrawn within their intervals) and the fitted exponents with bootstrap intervals.",
          lambda: plots.frontier_plot(verts, exponents(fits)), "no isoFLOP vertices (isoFLOP fits failed)"),
-        ("sparsity", "Best loss per budget against sparsity; lines: the sparsity-aware law at the compute-optimal "
-         "size for each S (C = 6ND); stars: its optimum S* per budget with the 95% bootstrap interval.",
-         lambda: plots.sparsity_plot(points, *sparsity_frames(named(fits, "sparsity"), points, unique_tokens)),
+        ("sparsity", "Best loss per budget against sparsity" + (
+            "; lines: the sparsity-aware law at the compute-optimal size for each S (C = 6ND); stars: its optimum "
+            "S* per budget with the 95% bootstrap interval." if fitted(sparsity_law) else
+            " (dotted: joining the runs; the sparsity-aware law was not fitted)."),
+         lambda: noted(plots.sparsity_plot(points, *sparsity_frames(sparsity_law, points, unique_tokens)),
+                       failures(fits, "sparsity")), "no finished runs"),
+        ("envelope", "Best loss per budget and sparsity" + (
+            " with the fitted envelope; m: compute a sparsity saves over dense for the same loss."
+            if envelope_fit is not None else " (the envelope law was not fitted)."),
+         lambda: noted(plots.envelope_plot(points, envelope_fit), failures(fits, "envelope")), "no finished runs"),
+        ("epochs", f"Loss against epochs over U = {plots.sci(unique_tokens)} unique tokens per model size" + (
+            "; dashed curves: the fitted repetition law (dense); dashed vertical line: where a repeated token is "
+            "worth half a new one (1 + R_D*·ln 2 epochs)." if fitted(repetition_law) else "."),
+         lambda: noted(plots.epochs_plot(data.points, repetition_frame(repetition_law, data.points,
+                                                                         unique_tokens),
+                                         r_d_star(repetition_law)), failures(fits, "data-constrained")),
          "no finished runs"),
-        ("envelope", "Best loss per budget and sparsity with the fitted envelope; m: compute a sparsity saves "
-         "over dense for the same loss.",
-         lambda: plots.envelope_plot(points, envelope_fit), "no finished runs"),
-        ("epochs", f"Loss against epochs over U = {plots.sci(unique_tokens)} unique tokens per model size; "
-         "dashed curves: the fitted repetition law (dense); dashed vertical line: where a repeated token is worth "
-         "half a new one (1 + R_D*·ln 2 epochs).",
-         lambda: plots.epochs_plot(points, repetition_frame(named(fits, "data-constrained"), points,
-                                                            unique_tokens), r_d_star(named(fits, "data-constrained"))),
-         "no finished runs with a unique-token count (epochs)"),
         ("gap", "Final eval minus final train loss against epochs: how much repetition overfits, by sparsity.",
          lambda: plots.gap_plot(data.finals), "no finished runs with both a final train and eval loss and epochs"),
         ("curves", "Eval loss during training at the largest budget against tokens and against wall-clock time.",
@@ -409,14 +482,52 @@ def compute_optimal_sentence(result: dict[str, Any] | None, budget: float | None
             f"N_active = {plots.sci(optimum['N_active'])}, D = {plots.sci(optimum['D'])} tokens{epochs}.")
 
 
+def regimes_sentence(model: Any, level: float = 0.95) -> str:
+    """The nonparametric answer (``SparsityVertex``, fitted) in words: S* per U with its interval at the largest
+    budget, then the verdict."""
+    top = model.s_star_["budget"].max()
+    parts = []
+    for r in model.s_star_[model.s_star_["budget"] == top].sort_values("unique_tokens", ascending=False).itertuples():
+        interval = f" ({level:.0%} CI {r.S_lo:.3g}–{r.S_hi:.3g})" if np.isfinite(r.S_lo) else ""
+        parts.append(f"S* = {r.S_star:.3g}{interval} with U = {plots.sci(r.unique_tokens)} unique tokens "
+                     f"({r.regime})")
+    return f"At C = {plots.sci(top)} FLOPs (isoFLOP vertices): {'; '.join(parts)}. Verdict: {model.verdict_}."
+
+
+def regimes_answer(fit: Fit | None) -> dict[str, Any]:
+    """answer.json's numbers of the nonparametric answer: S* per regime, their difference, L* per sparsity."""
+    if fit is None or fit.model is None:
+        return {}
+    model, ci = fit.model, fit.result.get("ci", {})
+    out: dict[str, Any] = {"verdict": model.verdict_}
+    for name in ("S_star_plenty", "S_star_scarce", "S_star_difference"):
+        if name in model.params_:
+            out[name] = model.params_[name]
+            if name in ci:
+                out[f"{name}_ci"] = ci[name]
+    top = model.vertices_["budget"].max()
+    out["L_star"] = model.vertices_[model.vertices_["budget"] == top][
+        ["unique_tokens", "regime", "sparsity", "loss_star", "loss_lo", "loss_hi", "n_star", "n_lo", "n_hi"]
+    ].to_dict("records")
+    return out
+
+
 def answer(fits: list[Fit], budget: float, unique_tokens: float) -> dict[str, Any]:
-    """The sentence and the numbers behind it (for ``answer.json`` and ``scaling demo``)."""
+    """The sentence and the numbers behind it (for ``answer.json`` and ``scaling demo``): from the isoFLOP vertices
+    when the sweep compares unique-token limits, else from the sparsity-aware law."""
     fit = named(fits, "sparsity")
     result = fit.result if fit is not None else None
-    sentence = compute_optimal_sentence(result, budget, unique_tokens)
-    if fit is not None and fit.error:
-        sentence += f" The sparsity-aware law could not be fitted: {fit.error}"
-    out: dict[str, Any] = {"sentence": sentence, "budget": budget, "unique_tokens": unique_tokens}
+    vertex = named(fits, "sparsity-vertex")
+    if vertex is not None and vertex.model is not None:
+        sentence = regimes_sentence(vertex.model)
+    else:
+        sentence = compute_optimal_sentence(result, budget, unique_tokens)
+        if fit is not None and fit.error:
+            sentence += f" The sparsity-aware law could not be fitted: {fit.error}"
+        if vertex is not None and vertex.error:
+            sentence += f" Plenty vs scarce data could not be compared: {vertex.error}"
+    out: dict[str, Any] = {"sentence": sentence, "budget": budget, "unique_tokens": unique_tokens,
+                           **regimes_answer(vertex)}
     if result is not None:
         optimum, ci = result.get("optimum", {}), result.get("ci", {})
         for key in ("S_star", "N_active", "N_total", "D", "epochs", "loss"):
@@ -436,6 +547,7 @@ def flags(data: SweepData, fits: list[Fit], save_error: str | None) -> list[str]
     """What a reader must know: failed fits and runs, isoFLOP vertices outside the sampled range (or of parabolas
     that open downwards), an optimal sparsity outside the sampled ones. (The laws' notes are shown with each fit.)"""
     out = [f"{f.title}: could not be fitted: {f.error}" for f in fits if f.error]
+    out += [f"{f.title}: {check}" for f in fits for check in f.checks]
     if save_error:
         out.append(f"fits were not saved in the store: {save_error}")
     status = data.runs["status"].value_counts()
@@ -527,7 +639,7 @@ def html_table(frame: pd.DataFrame, query: str | None = None, scroll: bool = Fal
 def figure_html(figure: Figure) -> str:
     if figure.missing:
         return (f'<figure id="{figure.name}"><p class="missing">Not drawn: {html.escape(figure.missing)}.</p>'
-                f"<figcaption>{html.escape(figure.caption)}</figcaption></figure>")
+                f"<figcaption>When drawn: {html.escape(figure.caption)}</figcaption></figure>")
     png = next(p for p in figure.paths if p.suffix == ".png")
     svg = next(p for p in figure.paths if p.suffix == ".svg")
     data = base64.b64encode(png.read_bytes()).decode()
@@ -598,6 +710,8 @@ def write_report(db: str | None, sweep: str, out: Path, bootstrap: int = 200) ->
     """Fit, draw and write the report of ``sweep`` under ``out``; returns ``out/index.html``."""
     out = Path(out)
     data = read_sweep(db, sweep, bootstrap)
+    if data.points.empty:
+        raise StoreError(f"sweep {sweep!r} has no finished runs to report on (`scaling status {sweep}` says why)")
     budgets = data.config.get("budgets") or sorted(data.points["budget"].unique())
     budget = float(max(budgets)) if len(budgets) else math.nan
     limit = data.config.get("unique_tokens") or data.points["unique_tokens"].max()

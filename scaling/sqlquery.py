@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
@@ -11,8 +10,30 @@ import duckdb
 from scaling.output import emit, err
 from scaling.store import connect, schema
 
-WRITE = re.compile(r"^\s*(insert|update|delete|create|drop|alter|copy|attach|detach|install|load|pragma|set|"
-                   r"checkpoint|vacuum|import|export|call)\b", re.IGNORECASE)
+
+class QueryError(ValueError):
+    """User SQL that is not exactly one read-only query."""
+
+
+def read_only_statement(text: str) -> str:
+    """``text`` if DuckDB's own parser finds exactly one SELECT-like statement in it (SELECT, WITH, VALUES, FROM,
+    SHOW, DESCRIBE, SUMMARIZE; comments and a trailing ``;`` allowed), else a :class:`QueryError` naming what was
+    found. Every text a user gives as SQL passes here before it runs: a read-only connection still lets
+    ``COPY ... TO`` write files, and ``SET``, ``PRAGMA``, ``INSTALL``/``LOAD``, ``ATTACH`` and ``EXPORT`` change
+    what later statements may do; ``;`` and comments make any first-word check blind."""
+    try:
+        statements = duckdb.extract_statements(text)
+    except duckdb.Error as e:
+        raise QueryError(" ".join(str(e).split())) from None
+    if not statements:
+        raise QueryError("no SQL statement given")
+    kinds = [s.type.name for s in statements]
+    if len(statements) > 1:
+        raise QueryError(f"one query at a time: found {len(statements)} statements ({', '.join(kinds)})")
+    if statements[0].type != duckdb.StatementType.SELECT:
+        raise QueryError(f"only queries (SELECT, WITH, ...) are allowed here, not {kinds[0]}: the results are "
+                         "read-only and nothing is written to files")
+    return text
 
 
 def run_query(db: str | None, query: str | None, fmt: str = "table", out: str | None = None,
@@ -24,10 +45,8 @@ def run_query(db: str | None, query: str | None, fmt: str = "table", out: str | 
         return
     if not query:
         fail("give a query, or --schema")
-    if WRITE.match(query):
-        fail("the results database is read-only here: only queries (SELECT, WITH, ...) are allowed")
     try:
-        relation = con.sql(query)
+        relation = con.sql(read_only_statement(query))
         if relation is None:
             fail("the statement returned no rows")
         if fmt == "parquet":
@@ -37,6 +56,8 @@ def run_query(db: str | None, query: str | None, fmt: str = "table", out: str | 
             err(f"wrote {out}")
             return
         frame = relation.df()
+    except QueryError as e:
+        fail(str(e))
     except duckdb.Error as e:
         fail(" ".join(str(e).split()))
     if out:

@@ -1,12 +1,15 @@
 """Synthetic sweeps for the store, SQL, plot and report tests: a Chinchilla-like loss law with an interior
-optimal sparsity, and a real DuckDB store of runs written as ``scaling.train`` writes them."""
+optimal sparsity, and a real DuckDB store of runs written as ``scaling.train`` writes them; and isoFLOP runs of a
+known finite-data sparsity law for the sparsity-vertex tests."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from scaling.config import parse_sweep
 from scaling.grid import plan
@@ -81,3 +84,56 @@ def build_store(tmp: Path, raw: dict = SWEEP, failed: int = 1) -> Path:
         ingest_run(con, run_dir)
     con.close()
     return db
+
+
+# ---------------------------------------------------------------------------------------- sparsity under finite data
+
+EXPERTS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def finite_data_law(active: np.ndarray, tokens: np.ndarray, sparsity: np.ndarray, unique: np.ndarray,
+                    kappa: float) -> np.ndarray:
+    """A known truth for the sparsity-vertex tests: L = 0.8 + 50/(N·(1 − S)^−0.4)^0.35 + 150/D′^0.35, total
+    params helping through the effective size N/(1 − S)^0.4, and Muennighoff et al.'s effective data D′ with a
+    repetition half-life R* = 15·(1 − S)^κ that shrinks with sparsity (more idle params memorise repeated data
+    sooner). With plenty of data the sparsest model wins; with κ > 0 and scarce data an interior sparsity can."""
+    r_star = 15.0 * (1 - sparsity) ** kappa
+    repeats = np.maximum(tokens / unique - 1, 0)
+    effective = np.minimum(tokens, unique) + unique * r_star * (1 - np.exp(-repeats / r_star))
+    return 0.8 + 50 / (active * (1 - sparsity) ** -0.4) ** 0.35 + 150 / effective**0.35
+
+
+def true_vertex(budget: float, sparsity: float, unique: float, kappa: float) -> tuple[float, float]:
+    """(N*, L*) of ``finite_data_law`` at C = 6·N·D, on a fine grid of N."""
+    n = np.geomspace(1e2, 1e9, 6000)
+    loss = finite_data_law(n, budget / (6 * n), np.full(n.size, sparsity), np.full(n.size, unique), kappa)
+    return float(n[loss.argmin()]), float(loss.min())
+
+
+def true_s_star(budget: float, unique: float, kappa: float, s_max: float = 1 - 1 / 64) -> tuple[float, float, float]:
+    """(S*, L*(S*), L*(dense)) of the truth over a fine grid of sparsities up to ``s_max``."""
+    grid = 1 - 1 / np.geomspace(1, 1 / (1 - s_max), 400)
+    losses = np.array([true_vertex(budget, s, unique, kappa)[1] for s in grid])
+    return float(grid[losses.argmin()]), float(losses.min()), float(losses[0])
+
+
+def finite_data_sweep(kappa: float, budgets: tuple[float, ...] = (1e11, 3e11, 1e12),
+                      unique: tuple[float, ...] = (1e5, 1e9), experts: tuple[int, ...] = EXPERTS, sizes: int = 5,
+                      span: float = 16.0, noise: float = 0.01, seed: int = 0) -> pd.DataFrame:
+    """isoFLOP runs of ``finite_data_law`` with Gaussian seed noise: per (U, C, S), ``sizes`` active sizes
+    log-spaced over ``span`` around the true N* (shifted by a random factor up to 1.4× either way, as a planned
+    grid would be), 2 seeds at the largest budget, 1 elsewhere. Columns as the store's isoflop_points."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u, c, e in itertools.product(unique, budgets, experts):
+        s = 1 - 1 / e
+        n_star = true_vertex(c, s, u, kappa)[0] * 1.4 ** rng.uniform(-1, 1)
+        for n in np.geomspace(n_star / span**0.5, n_star * span**0.5, sizes):
+            tokens = c / (6 * n)
+            for run_seed in (0, 1) if c == max(budgets) else (0,):
+                loss = finite_data_law(np.array(n), np.array(tokens), np.array(s), np.array(u), kappa)
+                rows.append({"run_id": f"u{u:g}-c{c:g}-e{e}-n{n:.0f}-s{run_seed}", "budget": c, "flops": c,
+                             "active_params": n, "params": n * e, "tokens": tokens, "unique_tokens": u,
+                             "epochs": tokens / u, "sparsity": s, "seed": run_seed,
+                             "loss": float(loss) + rng.normal(0, noise)})
+    return pd.DataFrame(rows)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -840,3 +841,52 @@ def test_cli_fit_freeze_holds_parameters(monkeypatch, capsys):
         code, out, err = scaling_cli(monkeypatch, capsys, "fit", "--csv", path, "--law", law, "--column",
                                      "loss=val_loss", "--freeze", arg)
         assert code != 0 and out == "" and needle in err and "Traceback" not in err, err
+
+
+@pytest.mark.slow
+def test_isoflop_memory_is_linear_in_rows():
+    """Continuous sizes (every run its own N) once built an (n, distinct sizes) one-hot matrix per budget: 200k
+    rows took 8 GB. The parabolas now need memory linear in the rows (here 12k rows: < 100 MB at peak, 260 MB
+    before), and recover the exponent."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    budgets = np.repeat([1e18, 1e19, 1e20], 4000)
+    params = np.sqrt(budgets / 120) * np.exp(rng.uniform(-1.5, 1.5, len(budgets)))
+    tokens = budgets / (6 * params)
+    frame = pd.DataFrame({"params": params, "tokens": tokens, "flops": budgets,
+                          "loss": 1.7 + 400 / params**0.34 + 410 / tokens**0.34 + rng.normal(0, 0.005, len(budgets))})
+    tracemalloc.start()
+    fit = IsoFLOP(x="params").fit(frame)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 100e6, f"{peak / 1e6:.0f} MB"
+    assert fit.params_["a"] == pytest.approx(0.5, abs=0.02)  # α = β: N* ∝ C^0.5
+
+
+def test_cli_fit_csv_reports_and_drops_duplicate_rows(tmp_path, monkeypatch, capsys):
+    """A row copied twice would be fitted three times (and the bootstrap would overstate the certainty): the
+    copies are dropped and a note says how many."""
+    frame = epoch_chinchilla()
+    path = tmp_path / "dup.csv"
+    pd.concat([frame, frame.iloc[:7], frame.iloc[:3]]).to_csv(path, index=False)
+    code, out, err = scaling_cli(monkeypatch, capsys, "fit", "--csv", str(path), "--law", "chinchilla",
+                                 "--format", "json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["n_points"] == len(frame)
+    assert any("10 duplicate rows" in note for note in result["notes"])
+
+
+def test_cli_fit_prints_progress_of_long_fits_on_stderr(monkeypatch, capsys):
+    """A long fit says where it is (at most every PROGRESS_EVERY seconds; here every step) on stderr, keeping
+    stdout to the result."""
+    from scaling import optimize
+
+    monkeypatch.setattr(optimize, "PROGRESS_EVERY", 0.0)
+    path = str(PUBLISHED / "chinchilla_epoch_svg_extracted.csv")
+    code, out, err = scaling_cli(monkeypatch, capsys, "fit", "--csv", path, "--law", "chinchilla", "--format", "json",
+                                 "--column", "params=Model Size", "--column", "flops=Training FLOP")
+    assert code == 0, err
+    assert json.loads(out)["n_points"] > 200
+    assert re.search(r"^fit: Newton step \d+: \d+ of \d+ starts still moving, best objective", err, re.M), err

@@ -6,6 +6,8 @@ import json
 import re
 import shutil
 import subprocess
+import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import duckdb
@@ -18,8 +20,12 @@ from scaling.laws import FitError
 from scaling.store import StoreError
 
 DENSE = {**SWEEP, "name": "dense", "budgets": [1e11, 3e11], "sparsity": {"experts": [1]}, "repeat": {}}
+THIN = {**SWEEP, "name": "thin", "budgets": [1e11, 3e11], "sparsity": {"experts": [1, 4]}, "sizes": {"count": 2},
+        "repeat": {}}  # the smoke sweep's shape: two sizes per budget, so every isoFLOP fit fails
 FIGURES = ["isoflop_params", "isoflop_tokens", "frontier", "sparsity", "envelope", "epochs", "gap", "curves",
            "router_load", "router_health", "similarity"]
+ROOT = Path(__file__).resolve().parents[1]
+SCALING = shutil.which("scaling") or str(Path(sys.executable).parent / "scaling")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -138,3 +144,68 @@ def test_demo_fingerprint_changes_only_with_the_runs(tmp_path):
     ingest_run(con, run_dir)  # a newer copy of the same run: new ingest time
     con.close()
     assert fingerprint(db, "fp", 8) != first
+
+
+def labelled_ticks(svg: Path) -> tuple[int, int]:
+    """The most labelled x and y ticks of any panel of a figure as matplotlib writes it to SVG (a tick is a group
+    ``xtick_N``/``ytick_N``; a labelled one holds a ``text_N`` group)."""
+    root = ET.parse(svg).getroot()
+    most = [0, 0]
+    for axes in root.iter():
+        if not (axes.get("id") or "").startswith("axes_"):
+            continue
+        for i, kind in enumerate(("xtick_", "ytick_")):
+            ticks = [g for g in axes.iter() if (g.get("id") or "").startswith(kind)]
+            most[i] = max(most[i], sum(any((c.get("id") or "").startswith("text_") for c in g) for g in ticks))
+    return most[0], most[1]
+
+
+def assert_figures_have_axes(index: Path) -> None:
+    for svg in sorted((index.parent / "figures").glob("*.svg")):
+        x, y = labelled_ticks(svg)
+        assert x >= 2 and y >= 2, f"{svg.name}: {x} labelled x ticks, {y} labelled y ticks"
+
+
+def test_thin_sweep_figures_show_data_with_notes(tmp_path):
+    """Two sizes per budget (as the smoke sweep): every isoFLOP fit fails. Its figures still draw the runs on
+    labelled axes, say in the figure which fit failed, and the captions describe only what is drawn."""
+    db = build_store(tmp_path, THIN, failed=0)
+    index = report.write_report(str(db), "thin", tmp_path / "out", bootstrap=0)
+    assert_figures_have_axes(index)
+    svg = (index.parent / "figures" / "isoflop_params.svg").read_text()  # matplotlib keeps each text as a comment
+    assert "<!-- fit failed, not drawn: isoFLOP (Chinchilla approach 2), dense: IsoFLOP needs" in svg
+    page = index.read_text()
+    assert "the isoFLOP fits failed" in page and "vertices with their interval" not in page
+    assert "with the isoFLOP fit's interval" not in page
+    assert "<figcaption>When drawn: Compute-optimal N*(C)" in page  # the frontier needs the failed fits
+
+
+@pytest.mark.slow
+def test_smoke_sweep_report_has_labelled_axes(tmp_path):
+    """The smoke sweep trained for real: every figure of its report has tick labels on both axes."""
+    db, runs = tmp_path / "s.duckdb", tmp_path / "runs"
+    trained = subprocess.run([SCALING, "run", str(ROOT / "sweeps" / "smoke.toml"), "--db", str(db),
+                              "--runs-dir", str(runs)], capture_output=True, text=True, timeout=1500)
+    assert trained.returncode == 0, trained.stderr
+    assert_figures_have_axes(report.write_report(str(db), "smoke", tmp_path / "out", bootstrap=0))
+
+
+@pytest.mark.slow
+def test_plenty_and_scarce_sweep_answers_with_the_vertices(tmp_path):
+    """A sweep with two unique-token limits: the answer comes from the isoFLOP vertices, with its verdict, both
+    regime figures are drawn and the one-U fits use the plenty runs."""
+    raw = {**SWEEP, "name": "regimes", "unique_tokens": [60_000, 5_000_000], "budgets": [1e11, 3e11], "max_epochs": 500,
+           "sparsity": {"experts": [1, 2, 4]}, "sizes": {"count": 4, "span": 12}, "repeat": {}}
+    db = build_store(tmp_path, raw, failed=0)
+    index = report.write_report(str(db), "regimes", tmp_path / "out", bootstrap=20)
+    result = json.loads((tmp_path / "out" / "answer.json").read_text())
+    assert result["sentence"].startswith("At C = 3e11 FLOPs (isoFLOP vertices): S* = ")
+    assert "Verdict: " in result["sentence"] and result["verdict"] in result["sentence"]
+    assert {"S_star_plenty", "S_star_scarce", "S_star_difference_ci"} <= set(result)
+    for name in ("regimes_isoflop", "regimes_sparsity"):
+        assert (tmp_path / "out" / "figures" / f"{name}.png").stat().st_size > 10_000
+    page = index.read_text()
+    assert "isoFLOP (Chinchilla approach 2), dense, U = 5e6 (plenty)" in page
+    with duckdb.connect(str(db), read_only=True) as con:
+        laws_saved = {law for (law,) in con.execute("SELECT DISTINCT law FROM fit_params").fetchall()}
+    assert "sparsity-vertex" in laws_saved
