@@ -160,7 +160,7 @@ def test_lattice_makes_sizes_recur_across_budgets():
     dedicated = plan(replace(sweep, schedule=Schedule())).runs
     points = branched[branched.role == "branch"]
     assert len(points) >= 0.85 * len(dedicated)  # a snapped size may land on a neighbour's shape (dropped)
-    assert (branched.role == "trunk").sum() < 0.6 * len(points)  # most trunks serve several budgets
+    assert (branched.role == "trunk").sum() < 0.7 * len(points)  # most trunks serve several budgets
 
 
 # ------------------------------------------------------------------------------------------ real training
