@@ -65,7 +65,7 @@ def grid(sweep_file: str, fmt: str, dropped: bool, max_runs: int, force: bool) -
     planned = plan(capped(sweep, max_runs, force))
     frame = planned.dropped if dropped else planned.runs.drop(columns="spec")
     if fmt == "table" and not dropped:
-        frame = frame[GRID_COLUMNS]
+        frame = frame[GRID_COLUMNS + (["role", "trunk_id", "flops_spent"] if (frame.role != "run").any() else [])]
     emit(frame, fmt, title=f"{len(planned.runs)} planned runs")
     if len(planned.dropped) and not dropped:
         err(f"dropped {len(planned.dropped)} points: {summarize(planned.dropped)} (see --dropped)")
@@ -137,6 +137,35 @@ def run_one(spec_json: str, runs_dir: str | None) -> None:
 
     result = train_run(spec, runs_root(runs_dir) / spec.run_id)
     emit_json(result)
+
+
+@cli.command("branch-check")
+@click.argument("sweep_file", type=click.Path())
+@DB
+@RUNS_DIR
+@FORMAT
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="local worker processes (each gets cores/workers threads)")
+def branch_check(sweep_file: str, db: str | None, runs_dir: str | None, fmt: str, workers: int) -> None:
+    """Train a wsd-branches sweep both ways, as branches and as dedicated runs (``train.schedule``, cosine by
+    default; sweep NAME-dedicated), and compare: final eval loss of branch minus dedicated run per point, with a
+    Student-t interval over seeds, and over all pairs. Finished runs are kept: a rerun only compares."""
+    from scaling.branches import compare, dedicated_twin, sweep_points
+    from scaling.store import connect
+    from scaling.sweep import execute_sweep
+
+    sweep = load_sweep(sweep_file)
+    if not sweep.schedule.branches:
+        raise ConfigError(f'{sweep_file}: branch-check needs a sweep with [schedule] kind = "wsd-branches"')
+    twin = dedicated_twin(sweep)
+    for each in (sweep, twin):
+        execute_sweep(each, db, runs_root(runs_dir), workers=workers)
+    con = connect(db, read_only=True)
+    try:
+        table = compare(sweep_points(con, {sweep.name: "branches", twin.name: "dedicated"}))
+    finally:
+        con.close()
+    emit(table, fmt, title=f"final eval loss, branches - dedicated ({sweep.name} against {twin.name})")
 
 
 def show_progress() -> None:

@@ -81,6 +81,9 @@ class ModelConfig:
         return sum(self.is_moe_layer(i) for i in range(self.n_layers))
 
 
+DECAY_SHAPES = ("linear", "sqrt")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimiser, schedule and evaluation settings of one run (Porian et al. 2024 recipe by default)."""
@@ -102,10 +105,14 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 200
     threads: int = 1  # CPU threads of the run: part of its spec, since losses depend on it
+    warmup_steps: int = 0  # > 0: warmup in steps, overriding warmup_frac (trunks and their branches share it)
+    decay_shape: str = "linear"  # the wsd cooldown: "linear" or "sqrt" (1 - sqrt, Hägele et al. 2024)
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "wsd", "constant"):
             raise ConfigError(f"train.schedule must be cosine, wsd or constant, got {self.schedule!r}")
+        if self.decay_shape not in DECAY_SHAPES:
+            raise ConfigError(f"train.decay_shape must be one of {', '.join(DECAY_SHAPES)}, got {self.decay_shape!r}")
         for name in ("lr", "batch_size", "eval_tokens", "token_loss_tokens", "checkpoints_per_octave",
                      "first_checkpoint_step", "log_every", "save_every"):
             if getattr(self, name) <= 0:
@@ -114,8 +121,9 @@ class TrainConfig:
             raise ConfigError("train.warmup_frac, min_lr_frac and decay_frac must be fractions in [0, 1]")
         if not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
             raise ConfigError(f"train.beta1 and beta2 must lie in [0, 1), got {self.beta1}, {self.beta2}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("weight_decay", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.threads < 1:
             raise ConfigError(f"train.threads must be at least 1 (a run's thread count is part of its spec), got "
                               f"{self.threads}")
@@ -134,13 +142,30 @@ class RunSpec:
     seed: int = 0
     corpus: str = "shakespeare"
     tokenizer: str = "byte"
+    trunk: str = ""  # a branch: the run_id of the trunk it starts from, at cooldown_start
+    branch_steps: tuple[int, ...] = ()  # a trunk: the steps whose checkpoints its branches start from (kept)
+
+    def __post_init__(self) -> None:
+        steps = self.branch_steps
+        if not isinstance(steps, (list, tuple)) or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in steps):
+            raise ConfigError(f"run.branch_steps must be a list of positive step numbers, got {steps!r}")
+        object.__setattr__(self, "branch_steps", tuple(sorted(set(steps))))  # JSON gives a list
+        if self.trunk and self.steps and not 0 < self.cooldown_start < self.steps:
+            raise ConfigError(f"run.trunk: a branch needs a cooldown inside its {self.steps} steps")
+
+    @property
+    def cooldown_start(self) -> int:
+        """The first step of the wsd cooldown: ``steps - round(decay_frac · steps)`` (after the warmup)."""
+        return cooldown_start(self.train, self.steps)
 
     @property
     def steps(self) -> int:
         return self.tokens // (self.train.batch_size * self.model.context)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The spec as JSON has it (``branch_steps`` a list)."""
+        return {**asdict(self), "branch_steps": list(self.branch_steps)}
 
     def canonical(self) -> dict[str, Any]:
         """The form ``run_id`` hashes: every field of spec version 1, plus a later field only where it differs from
@@ -197,6 +222,16 @@ def canonical_spec(spec: RunSpec) -> dict[str, Any]:
     if SPEC_VERSION > 1:
         out["spec_version"] = SPEC_VERSION
     return out
+
+
+def warmup_steps(train: TrainConfig, total: int) -> int:
+    """Warmup length of a ``total``-step run: ``warmup_steps`` when set, else ``warmup_frac`` of the run."""
+    return train.warmup_steps or round(train.warmup_frac * total)
+
+
+def cooldown_start(train: TrainConfig, total: int) -> int:
+    """First step of the wsd cooldown of a ``total``-step run: the last ``decay_frac`` of it, after the warmup."""
+    return max(warmup_steps(train, total), total - round(train.decay_frac * total))
 
 
 def suggest(key: str, known: list[str]) -> str:
@@ -282,6 +317,40 @@ class Shape:
                 raise ConfigError(f"shape.{name} must be positive, got {getattr(self, name)}")
 
 
+SCHEDULE_KINDS = ("dedicated", "wsd-branches")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How a sweep trains its points. ``dedicated``: each point is its own run with ``train.schedule``.
+    ``wsd-branches``: one constant-LR trunk per (shape, sparsity, seed, U) and, per point of D tokens, a branch
+    from the trunk's checkpoint at D - L_c that cools down over the last ``cooldown`` fraction of D with the
+    ``decay_shape`` shape (Hägele et al. 2024, arXiv 2405.18392). ``lattice``: size lists on one log lattice
+    across budgets (``scaling.branches.lattice_sizes``), always so with branches."""
+
+    kind: str = "dedicated"
+    cooldown: float = 0.2
+    decay_shape: str = "sqrt"
+    lattice: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULE_KINDS:
+            raise ConfigError(f"schedule.kind must be one of {', '.join(SCHEDULE_KINDS)}, got {self.kind!r}")
+        if not 0 < self.cooldown < 1:
+            raise ConfigError(f"schedule.cooldown must be a fraction in (0, 1), got {self.cooldown!r}")
+        if self.decay_shape not in DECAY_SHAPES:
+            raise ConfigError(f"schedule.decay_shape must be one of {', '.join(DECAY_SHAPES)}, "
+                              f"got {self.decay_shape!r}")
+
+    @property
+    def branches(self) -> bool:
+        return self.kind == "wsd-branches"
+
+    @property
+    def on_lattice(self) -> bool:
+        return self.lattice or self.branches
+
+
 @dataclass(frozen=True)
 class SweepConfig:
     """A sweep file: budgets x sparsities x active-parameter sizes under a unique-token limit U.
@@ -307,6 +376,7 @@ class SweepConfig:
     shape: Shape = field(default_factory=Shape)
     model: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
+    schedule: Schedule = field(default_factory=Schedule)
     lr_ref_width: int = 0
     executor: dict[str, Any] = field(default_factory=dict)
     path: str = ""
@@ -319,7 +389,7 @@ class SweepConfig:
 
 
 TOP_KEYS = ["name", "corpus", "tokenizer", "vocab_size", "context", "unique_tokens", "budgets", "max_epochs",
-            "min_steps", "seeds", "sparsity", "sizes", "shape", "model", "train", "repeat", "executor"]
+            "min_steps", "seeds", "sparsity", "sizes", "shape", "model", "train", "repeat", "executor", "schedule"]
 MODEL_OVERRIDES = ["granularity", "moe_every", "shared_experts", "share_weights", "positional", "tie_embeddings",
                    "router_noise", "capacity_factor", "aux_loss_coef", "z_loss_coef"]
 EXECUTOR_KEYS = ["partition", "time_min", "cpus_per_task", "gpus_per_node", "mem_gb", "max_parallel"]
@@ -468,6 +538,7 @@ def parse_sweep(raw: dict[str, Any], path: str = "") -> SweepConfig:
         shape=build(Shape, shape_raw, "shape"),
         model=dict(model_raw),
         train=build(TrainConfig, train_raw, "train"),
+        schedule=build(Schedule, table(raw, "schedule"), "schedule"),
         lr_ref_width=lr_ref,
         executor=dict(executor),
         path=path,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
+from scaling.branches import branch_plan, lattice_sizes
 from scaling.config import ConfigError, ModelConfig, RunSpec, SweepConfig, Variant, build, with_lr
 from scaling.flops import expert_sparsity, flops_6nd, param_counts, param_sparsity, train_flops_per_token
 
@@ -123,7 +124,7 @@ def plan(sweep: SweepConfig) -> Plan:
         seeds = seeds_for(budget, sweep)
         for variant in sweep.variants:
             shapes: dict = {}
-            for target in target_sizes(budget, sweep):
+            for target in (lattice_sizes if sweep.schedule.on_lattice else target_sizes)(budget, sweep):
                 cfg = shape_for(target, variant, sweep)
                 if cfg in shapes:
                     dropped.append({**describe(budget, variant, cfg, target), "reason": DUPLICATE_SHAPE})
@@ -156,8 +157,8 @@ def plan(sweep: SweepConfig) -> Plan:
     if runs.empty:
         raise ConfigError(f"{sweep.path or sweep.name}: no run fits any budget "
                           f"({len(dropped)} points dropped: {summarize(dropped)})")
-    return Plan(runs=runs.drop_duplicates("run_id").reset_index(drop=True),
-                dropped=pd.DataFrame(dropped))
+    runs = runs.drop_duplicates("run_id").reset_index(drop=True)
+    return Plan(runs=branch_plan(runs, sweep) if sweep.schedule.branches else runs, dropped=pd.DataFrame(dropped))
 
 
 def describe(budget: float, variant: Variant, cfg: ModelConfig, target: float) -> dict:
@@ -168,15 +169,16 @@ def describe(budget: float, variant: Variant, cfg: ModelConfig, target: float) -
 
 COLUMNS = ["run_id", "budget", "flops", "flops_6nd", "params", "active_params", "embedding_params",
            "sparsity", "param_sparsity", "n_experts", "top_k", "d_model", "n_layers", "n_heads", "lr", "steps",
-           "tokens", "unique_tokens", "epochs", "seed", "threads", "spec"]
+           "tokens", "unique_tokens", "epochs", "seed", "threads", "role", "trunk_id", "flops_spent", "spec"]
 
 
 def row_for(spec: RunSpec, budget: float) -> dict:
     """One planned run as a flat record: the columns researchers filter and fit on, plus the spec itself."""
     cfg = spec.model
     counts = param_counts(cfg)
+    flops = train_flops_per_token(cfg) * spec.tokens
     return {
-        "run_id": spec.run_id, "budget": budget, "flops": train_flops_per_token(cfg) * spec.tokens,
+        "run_id": spec.run_id, "budget": budget, "flops": flops, "role": "run", "trunk_id": None, "flops_spent": flops,
         "flops_6nd": flops_6nd(cfg, spec.tokens), "params": counts.total, "active_params": counts.active,
         "embedding_params": counts.embedding, "sparsity": expert_sparsity(cfg),
         "param_sparsity": param_sparsity(cfg), "n_experts": cfg.n_experts, "top_k": cfg.top_k,

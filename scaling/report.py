@@ -27,6 +27,7 @@ from plotnine import element_text, labs, theme
 
 from scaling import plots
 from scaling.bootstrap import percentile_intervals
+from scaling.branches import savings_note
 from scaling.holdout import holdout_fit
 from scaling.laws import LAWS, FitError, Law, summarize
 from scaling.predict import formula, parametric
@@ -685,6 +686,7 @@ def page(sweep: str, db: str | None, data: SweepData, fits: list[Fit], figures: 
         f"<h1>Scaling report: sweep {html.escape(sweep)}</h1>",
         f"<p class=meta>{len(data.runs)} runs ({html.escape(status)}); store {html.escape(str(db_path(db)))}; "
         f"{bootstrap} bootstrap resamples over runs; generated {generated}.</p>",
+        *([f"<p class=meta>{html.escape(saved)}.</p>"] if (saved := savings_note(data.runs)) else []),
         *external_note(data.config),
         f'<p class="answer">{html.escape(result["sentence"])}</p>',
         "<h2>Flags</h2>", flag_html,

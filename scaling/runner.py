@@ -19,6 +19,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
+from scaling.branches import blocked_on, trained_flops
 from scaling.config import SweepConfig
 from scaling.executors import Executor, Handle, Task
 from scaling.grid import plan
@@ -112,9 +113,11 @@ def runs_to_do(con: duckdb.DuckDBPyConnection, sweep: str, retries: int) -> pd.D
 
 def dry_run(db: str | None, sweep: SweepConfig, retries: int) -> pd.DataFrame:
     """What ``run_sweep`` would train, read without writing anything: the plan, with the statuses the store (if
-    there is one) has for its runs, and a time estimate from the store's measured FLOP/s (median of finished
-    runs), else a CPU default. Run files not yet ingested count as not done."""
-    runs = plan(sweep).runs[["run_id", "flops"]]
+    there is one) has for its runs, the FLOPs each trains itself (``trains``; a branch: its cooldown) and a time
+    estimate for those from the store's measured FLOP/s (median of finished runs), else a CPU default. Run files
+    not yet ingested count as not done."""
+    planned = plan(sweep).runs
+    runs = planned[["run_id", "flops"]].assign(trains=trained_flops(planned))
     known = pd.DataFrame({"run_id": pd.Series(dtype=str), "status": pd.Series(dtype=str),
                           "attempts": pd.Series(dtype="int64")})
     measured = None
@@ -128,7 +131,8 @@ def dry_run(db: str | None, sweep: SweepConfig, retries: int) -> pd.DataFrame:
             con.close()
     table = to_train(runs.merge(known, on="run_id", how="left").fillna({"status": "planned", "attempts": 0}),
                      retries)
-    return table[["run_id", "status", "flops"]].assign(est_seconds=table.flops / (measured or DEFAULT_FLOPS_PER_S))
+    return table[["run_id", "status", "flops", "trains"]].assign(
+        est_seconds=table.trains / (measured or DEFAULT_FLOPS_PER_S))
 
 
 def prepare(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, runs_dir: Path) -> pd.DataFrame:
@@ -145,9 +149,11 @@ def run_sweep(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, executor: Exec
     """Train every unfinished run of ``sweep`` and ingest each result as soon as it lands.
 
     Runs a previous driver submitted and never collected (status ``running``) are first offered to the
-    executor's ``attach`` (Slurm: jobs still queued or running); only the others are submitted. On Ctrl-C the
-    executor is shut down, results that landed meanwhile are ingested and the runs still in flight are marked
-    ``interrupted``. ``on_update`` receives progress events: {"event": "start"|"done"|"tick", ...}.
+    executor's ``attach`` (Slurm: jobs still queued or running); only the others are submitted. A branch is
+    submitted once its trunk's checkpoint at its cooldown start exists (while the trunk trains on), and fails if
+    its trunk stops without one. On Ctrl-C the executor is shut down, results that landed meanwhile are ingested
+    and the runs still in flight are marked ``interrupted``. ``on_update`` receives progress events:
+    {"event": "start"|"done"|"tick", ...}.
     """
     with CtrlC() as ctrl_c:
         try:
@@ -177,8 +183,10 @@ def train_all(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, runs: pd.DataF
     try:
         handles = attach(executor, [rows[r] for r in rows if rows[r]["status"] == "running"])
         attached = {h.task.run_id for h in handles}
-        handles += submit(con, executor, [row for r, row in rows.items() if r not in attached], attempts, counted)
-        while handles and not ctrl_c.requested:
+        waiting = {r: path for r, row in rows.items() if r not in attached and (path := blocked(row))}
+        handles += submit(con, executor, [row for r, row in rows.items() if r not in attached and r not in waiting],
+                          attempts, counted)
+        while (handles or waiting) and not ctrl_c.requested:
             time.sleep(poll_s)
             notify({"event": "tick", "running": [h.task for h in handles]})
             for handle in list(handles):
@@ -202,6 +210,15 @@ def train_all(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, runs: pd.DataF
                         "flops": float(rows[task.run_id]["flops"])})
                 if retry:
                     handles += submit(con, executor, [rows[task.run_id]], attempts, counted)
+            if ctrl_c.requested:
+                break
+            ready, orphans = release(waiting, {h.task.run_id for h in handles})
+            handles += submit(con, executor, [rows[r] for r in ready], attempts, counted)
+            for run_id, trunk in orphans:
+                mark(con, run_id, "failed", f"its trunk {trunk} is not training and has no checkpoint at this "
+                     "branch's start")
+                outcome.counts["failed"] = outcome.counts.get("failed", 0) + 1
+                notify({"event": "done", "run_id": run_id, "status": "failed", "flops": float(rows[run_id]["flops"])})
         if ctrl_c.requested:
             raise KeyboardInterrupt
     except KeyboardInterrupt:
@@ -209,6 +226,28 @@ def train_all(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, runs: pd.DataF
         outcome.interrupted = True
     outcome.failed = count_status(con, sweep.name, ("failed",))
     return outcome
+
+
+def blocked(row: dict) -> Path | None:
+    """The trunk checkpoint a branch waits for, if it is not there yet (``branches.blocked_on``)."""
+    return blocked_on(json.loads(row["spec"]) if isinstance(row["spec"], str) else row["spec"], row["run_dir"])
+
+
+def release(waiting: dict[str, Path], in_flight: set[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Take from ``waiting`` (branch run_id → the trunk checkpoint it waits for) the branches whose checkpoint has
+    appeared (to submit) and those whose trunk is not in flight (``in_flight``: run_ids), so never will write it
+    (to fail, with their trunk's id)."""
+    ready, orphans = [], []
+    for run_id, path in list(waiting.items()):
+        trunk = path.parent.name  # branches.trunk_dir
+        if path.exists():
+            ready.append(run_id)
+        elif trunk not in in_flight:
+            orphans.append((run_id, trunk))
+        else:
+            continue
+        del waiting[run_id]
+    return ready, orphans
 
 
 def attach(executor: Executor, rows: list[dict]) -> list[Handle]:
@@ -303,13 +342,21 @@ def finish(con: duckdb.DuckDBPyConnection, handle: Handle) -> str:
 
 
 def status_tables(con: duckdb.DuckDBPyConnection, sweep: str | None) -> dict[str, pd.DataFrame]:
-    """Counts by status, failures with their first error line, slowest runs."""
+    """Counts by status, failures with their first error line, slowest runs; for sweeps with branches, the FLOPs
+    their points represent against those they spend (``scaling.branches``)."""
     if sweep and not con.execute("SELECT 1 FROM sweeps WHERE name = ?", [sweep]).fetchall():
         known = [name for (name,) in con.execute("SELECT name FROM sweeps ORDER BY name").fetchall()]
         raise StoreError(f"no sweep named {sweep!r} in this database "
                          f"({'sweeps: ' + ', '.join(known) if known else 'it has no sweeps yet'})")
     where, args = ("WHERE s.sweep = ?", [sweep]) if sweep else ("", [])
     base = f"FROM runs r JOIN sweep_runs s USING (run_id) {where}"
+    branched = con.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = 'runs' "
+                           "AND column_name = 'role'").fetchall()[0][0]  # a reader of an older file: no branches
+    savings = pd.DataFrame() if not branched else con.execute(f"""
+        SELECT s.sweep, count(*) FILTER (r.role = 'trunk') AS trunks, count(*) FILTER (r.role <> 'trunk') AS points,
+            sum(r.flops) FILTER (r.role <> 'trunk') AS flops, sum(r.flops_spent) AS flops_spent,
+            sum(r.flops_spent) / sum(r.flops) FILTER (r.role <> 'trunk') AS spent_frac
+        {base} GROUP BY s.sweep HAVING count(*) FILTER (r.role = 'branch') > 0 ORDER BY s.sweep""", args).df()
     return {
         "counts": con.execute(f"SELECT s.sweep, r.status, count(*) AS runs, sum(r.flops) AS flops {base} "
                               "GROUP BY ALL ORDER BY ALL", args).df(),
@@ -320,4 +367,5 @@ def status_tables(con: duckdb.DuckDBPyConnection, sweep: str | None) -> dict[str
         "slowest": con.execute(f"SELECT s.sweep, r.run_id, r.sparsity, r.active_params, r.flops, r.wall_s, "
                                f"r.tokens_per_s {base} {'AND' if where else 'WHERE'} r.wall_s IS NOT NULL "
                                "ORDER BY r.wall_s DESC LIMIT 5", args).df(),
+        **({"savings": savings} if len(savings) else {}),  # planned FLOPs: points represent, trunks + branches spend
     }

@@ -23,7 +23,7 @@ import pandas as pd
 from scaling.config import RunSpec, SweepConfig
 from scaling.runfiles import DamagedRunFile, read_finished, set_aside
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DEFAULT_DB = "scaling.duckdb"
 
 
@@ -42,10 +42,11 @@ RUN_COLUMNS = {
     "diverged_step": "INTEGER", "wall_s": "DOUBLE", "train_s": "DOUBLE", "tokens_per_s": "DOUBLE",
     "flops_per_s": "DOUBLE", "started_at": "TIMESTAMP", "finished_at": "TIMESTAMP", "ingested_at": "TIMESTAMP",
     "source": "VARCHAR DEFAULT 'trained'",
+    "role": "VARCHAR DEFAULT 'run'", "trunk_id": "VARCHAR", "flops_spent": "DOUBLE",
 }
 PLANNED = ["flops", "flops_6nd", "params", "active_params", "embedding_params", "sparsity", "param_sparsity",
            "n_experts", "top_k", "d_model", "n_layers", "n_heads", "lr", "steps", "tokens", "unique_tokens",
-           "epochs", "seed", "threads"]
+           "epochs", "seed", "threads", "role", "trunk_id", "flops_spent"]
 RESULT = ["final_train_loss", "final_eval_loss", "tokens_seen", "epochs_done", "diverged_step", "wall_s",
           "train_s", "tokens_per_s", "flops_per_s", "started_at", "finished_at"]
 
@@ -74,12 +75,13 @@ VIEWS = {
         SELECT s.sweep, r.run_id, s.budget, r.flops, r.params, r.active_params, r.embedding_params, r.sparsity,
                r.param_sparsity, r.n_experts, r.top_k, r.d_model, r.n_layers, r.lr, r.steps, r.tokens,
                r.unique_tokens, r.epochs, r.seed, r.final_eval_loss, r.final_train_loss,
-               r.final_eval_loss - r.final_train_loss AS generalization_gap, r.wall_s, r.tokens_per_s
-        FROM runs r JOIN sweep_runs s USING (run_id) WHERE r.status = 'ok'""",
+               r.final_eval_loss - r.final_train_loss AS generalization_gap, r.wall_s, r.tokens_per_s,
+               r.trunk_id, r.flops_spent
+        FROM runs r JOIN sweep_runs s USING (run_id) WHERE r.status = 'ok' AND r.role <> 'trunk'""",
     "isoflop_points": """
         SELECT s.sweep, s.budget, r.run_id, r.params, r.active_params, r.tokens, r.unique_tokens, r.sparsity,
                r.flops, r.final_eval_loss AS loss, r.epochs, r.seed
-        FROM runs r JOIN sweep_runs s USING (run_id) WHERE r.status = 'ok'""",
+        FROM runs r JOIN sweep_runs s USING (run_id) WHERE r.status = 'ok' AND r.role <> 'trunk'""",
     "training_curves": """
         SELECT s.sweep, s.budget, m.run_id, r.sparsity, r.n_experts, r.top_k, r.active_params, r.params, r.seed,
                m.step, m.tokens, m.tokens / r.unique_tokens AS epochs, m.train_loss, m.ce_loss, m.aux_loss,
@@ -93,7 +95,7 @@ VIEWS = {
         FROM fits f JOIN fit_values v USING (fit_id)""",
 }
 VIEW_DOCS = {
-    "final_losses": "one row per ok run and sweep: config columns and final eval/train loss",
+    "final_losses": "one row per ok run and sweep (trunks aside): config columns and final eval/train loss",
     "isoflop_points": "the fitting convention: budget, params, active_params, tokens, unique_tokens, sparsity, "
                       "flops, loss",
     "training_curves": "every logged step of every run: tokens, train/eval loss, lr, wall seconds",
@@ -199,9 +201,18 @@ def add_source(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("ALTER TABLE runs ADD COLUMN IF NOT EXISTS source VARCHAR DEFAULT 'trained'")
 
 
+def add_branch_columns(con: duckdb.DuckDBPyConnection) -> None:
+    """Version 4, trunks and cooldown branches: ``runs.role`` (run, trunk or branch), ``trunk_id`` and
+    ``flops_spent``. Every run stored before was a dedicated run, so it spent what it represents."""
+    con.execute("ALTER TABLE runs ADD COLUMN IF NOT EXISTS role VARCHAR DEFAULT 'run'")
+    con.execute("ALTER TABLE runs ADD COLUMN IF NOT EXISTS trunk_id VARCHAR")
+    con.execute("ALTER TABLE runs ADD COLUMN IF NOT EXISTS flops_spent DOUBLE")
+    con.execute("UPDATE runs SET role = coalesce(role, 'run'), flops_spent = coalesce(flops_spent, flops)")
+
+
 # Schema version -> the step from the version before; a writer applies the missing ones in order, in one
 # transaction, when it opens an older file.
-MIGRATIONS = {2: add_source, 3: resolve_threads}
+MIGRATIONS = {2: add_source, 3: resolve_threads, 4: add_branch_columns}
 
 
 def migrate(con: duckdb.DuckDBPyConnection, version: int) -> None:
@@ -241,13 +252,15 @@ def register_plan(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, runs: pd.D
     con.execute("DELETE FROM sweep_runs WHERE sweep = ?", [sweep.name])
     for row in runs.to_dict("records"):
         run_dir = str(Path(runs_dir) / row["run_id"])
-        values = [row[c] for c in PLANNED]
+        values = [None if row[c] is None or (isinstance(row[c], float) and np.isnan(row[c])) else row[c]
+                  for c in PLANNED]
         con.execute(f"""INSERT INTO runs (run_id, status, attempts, {", ".join(PLANNED)}, spec, run_dir)
                         VALUES (?, 'planned', 0, {", ".join("?" * len(PLANNED))}, ?, ?)
                         ON CONFLICT DO UPDATE SET run_dir = CASE WHEN runs.status IN ('ok', 'diverged')
                             THEN runs.run_dir ELSE excluded.run_dir END""",
                     [row["run_id"], *values, json.dumps(row["spec"].to_dict()), run_dir])
-        con.execute("INSERT INTO sweep_runs VALUES (?, ?, ?)", [sweep.name, row["run_id"], row["budget"]])
+        budget = None if pd.isna(row["budget"]) else row["budget"]  # a trunk is no point of any budget
+        con.execute("INSERT INTO sweep_runs VALUES (?, ?, ?)", [sweep.name, row["run_id"], budget])
     con.execute("COMMIT")
 
 

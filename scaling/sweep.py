@@ -32,7 +32,7 @@ def execute_sweep(sweep: SweepConfig, db: str | None, runs_dir: Path, executor: 
         todo = dry_run_plan(db, sweep, retries)
         emit(todo, fmt, title=f"{len(todo)} runs would train")
         if fmt == "table":
-            err(f"total: {todo.flops.sum():.3g} FLOPs, about {duration(todo.est_seconds.sum())} of training "
+            err(f"total: {todo.trains.sum():.3g} FLOPs, about {duration(todo.est_seconds.sum())} of training "
                 "with one worker")
         return None
     con = connect(db)

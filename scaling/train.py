@@ -9,6 +9,9 @@ contract with ``scaling.store``):
 - ``checkpoint.pt``: every ``save_every`` steps and on ``stop_after_steps`` (model, optimizer, step, RNG
   states, everything recorded so far, elapsed time); a new ``train_run`` resumes from it and ends exactly as
   an uninterrupted run would. Deleted once the run has finished (``ok`` or ``diverged``).
+- ``branch-<step>.pt`` (a trunk, ``spec.branch_steps``): the checkpoint at each step its branches start from,
+  kept after the trunk has finished. A branch (``spec.trunk``) without a checkpoint of its own starts from its
+  trunk's (``scaling.branches``).
 - ``token_losses.npz``: ``steps``, ``tokens``, ``eval_loss`` [n_ckpt] and per-position eval ``losses``
   [n_ckpt, n_positions] at the log-spaced eval checkpoints.
 - ``result.json``, written last: status, summary figures, ``metrics`` rows and ``router`` rows.
@@ -39,7 +42,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from scaling.config import RunSpec, TrainConfig
+from scaling.branches import branch_checkpoint, trunk_dir
+from scaling.config import RunSpec, TrainConfig, cooldown_start, warmup_steps
 from scaling.data import Stream, eval_sample, load
 from scaling.flops import train_flops_per_token
 from scaling.model import Transformer
@@ -50,8 +54,9 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 def lr_at(step: int, train: TrainConfig, total: int) -> float:
     """Learning rate of update ``step`` (0-based) of ``total``: linear warmup, then cosine, WSD or constant,
-    reaching ``min_lr_frac · lr`` exactly at the last planned update."""
-    warmup = round(train.warmup_frac * total)
+    reaching ``min_lr_frac · lr`` exactly at the last planned update. The WSD cooldown from s_0 over L_c steps is
+    linear or (``decay_shape = "sqrt"``) η · (1 − sqrt((s − s_0 + 1) / L_c)) above the floor (Hägele et al. 2024)."""
+    warmup = warmup_steps(train, total)
     if step < warmup:
         return train.lr * (step + 1) / warmup
     low = train.min_lr_frac * train.lr
@@ -59,16 +64,18 @@ def lr_at(step: int, train: TrainConfig, total: int) -> float:
         t = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
         return low + (train.lr - low) * 0.5 * (1 + math.cos(math.pi * t))
     if train.schedule == "wsd":
-        start = max(warmup, total - round(train.decay_frac * total))
+        start = cooldown_start(train, total)
         if step < start:
             return train.lr
-        return train.lr - (train.lr - low) * (step - start + 1) / (total - start)
+        done = (step - start + 1) / (total - start)
+        return train.lr - (train.lr - low) * (math.sqrt(done) if train.decay_shape == "sqrt" else done)
     return train.lr
 
 
-def eval_steps(train: TrainConfig, total: int) -> list[int]:
-    """Log-spaced eval checkpoints in steps, the same for every run of one batch size, plus the last step."""
-    steps, j = {total}, 0
+def eval_steps(train: TrainConfig, total: int, last: bool = True) -> list[int]:
+    """Log-spaced eval checkpoints in steps, the same for every run of one batch size, plus (``last``) the last
+    step."""
+    steps, j = ({total} if last else set()), 0
     while (step := round(train.first_checkpoint_step * 2 ** (j / train.checkpoints_per_octave))) <= total:
         steps.add(step)
         j += 1
@@ -315,16 +322,17 @@ class Run:
         dist.all_gather_object(states, state.cpu())
         return states
 
-    def save(self) -> None:
+    def save(self, path: Path | None = None) -> None:
         states = self.rng_states()
         if self.where.main:
-            with atomic(self.checkpoint, keep=self.previous_checkpoint) as tmp:
+            with atomic(path or self.checkpoint, keep=None if path else self.previous_checkpoint) as tmp:
                 torch.save({"run_id": self.spec.run_id, "model": self.model.state_dict(),
                             "optimizer": self.opt.state_dict(), "rng": states, "record": asdict(self.record),
                             "threads": torch.get_num_threads()}, tmp)
 
     def resume(self) -> bool:
-        """Restore the latest checkpoint of this same spec that loads, if any; returns whether it did.
+        """Restore the latest checkpoint of this same spec that loads, if any (else a branch starts from its trunk's);
+        returns whether it did.
 
         One that does not load is renamed ``NAME.damaged-TIME`` and said in the log; the previous checkpoint (the
         last two are kept) is tried next, then the run starts over."""
@@ -353,7 +361,24 @@ class Run:
                 self.set_aside(path, exc)
                 continue
             return True
-        return False
+        return self.start_branch() if self.spec.trunk else False
+
+    def start_branch(self) -> bool:
+        """A branch without a checkpoint of its own starts from its trunk's at the cooldown start: the state (and
+        the record so far) that a dedicated run with the same schedule has at that step, since the trunk's LR equals
+        it up to there and the data stream depends on the step alone."""
+        spec = self.spec
+        path = branch_checkpoint(trunk_dir(self.dir, spec.trunk), spec.cooldown_start)
+        if not path.exists():
+            raise FileNotFoundError(f"branch {spec.run_id}: its trunk {spec.trunk} has no checkpoint at step "
+                                    f"{spec.cooldown_start} ({path}): train the trunk first")
+        state = torch.load(path, map_location=self.where.device, weights_only=False)
+        if state["run_id"] != spec.trunk or state["record"]["step"] != spec.cooldown_start:
+            raise ValueError(f"branch {spec.run_id}: {path} is not trunk {spec.trunk} at step {spec.cooldown_start}")
+        self.restore(state)
+        self.record.started_at = now_iso()
+        self.log(f"branching from trunk {spec.trunk} at step {spec.cooldown_start}")
+        return True
 
     def set_aside(self, path: Path, exc: Exception) -> None:
         if not self.where.main:
@@ -449,7 +474,8 @@ class Run:
         spec, rec, train = self.spec, self.record, self.spec.train
         total = spec.steps
         end = total if stop_after_steps is None else min(total, stop_after_steps)
-        evals = set(eval_steps(train, total))
+        trunk = bool(spec.branch_steps)  # no last-step row or eval: its branch checkpoints match dedicated runs
+        evals = set(eval_steps(train, total, last=not trunk))
         values: list[Tensor] = []
         sums = torch.tensor(rec.router_sums, device=self.where.device) if rec.router_sums else None
         clock = time.perf_counter()
@@ -460,9 +486,10 @@ class Run:
             rec.router_count += bool(stats)
             step = s + 1
             held = self.signals.pending[0] if self.signals.pending else None
-            boundary = step % train.log_every == 0 or step in evals or step == total
+            boundary = step % train.log_every == 0 or step in evals or (step == total and not trunk)
             save = step < total and (step % train.save_every == 0 or step == end or held is not None)
-            if not (boundary or save):
+            keep = step in spec.branch_steps
+            if not (boundary or save or keep or step == total):
                 continue
             self.bank(values, clock)
             values, rec.step = [], step
@@ -475,8 +502,11 @@ class Run:
                     sums = None
                 self.log(self.progress(step))
                 self.note_progress(step)
-            if save:
+            if save or keep:
                 rec.router_sums = sums.tolist() if sums is not None else None
+            if keep:  # before the periodic one: a resumed trunk never starts past a branch checkpoint it lacks
+                self.save(branch_checkpoint(self.dir, step))
+            if save:
                 self.save()
             rec.wall_s += time.perf_counter() - clock
             clock = time.perf_counter()
