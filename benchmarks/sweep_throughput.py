@@ -5,10 +5,12 @@ trains on fixed random tokens at its batch size with ``torch.set_num_threads(1)`
 exact training FLOPs of the steps (``flops.train_flops_per_token``) over their time, and each is divided by the
 float32 single-thread matmul peak measured in the same repeat. Attention runs on the path the model picks
 (``auto``: ``model.batched_attention_wins``) and, as the comparison, forced onto SDPA (``sdpa``); the family
-summary averages the dense and E = 8 shapes (the shapes of ``--family-experts``).
+summary averages the shapes of ``--family-experts`` (default: every sparsity of the sweep).
 
-Grid: isoFLOP points per CPU-minute of training steps over the whole plan, each run's FLOPs spent divided by its
-shape's measured throughput (eval and start-up not included), without and with branches (``flops_spent``).
+Grid: isoFLOP points per CPU-minute of training steps over the whole plan, each run's own FLOPs divided by its
+shape's measured throughput (eval and start-up not included), as planned (dedicated runs) and with trunks and
+cooldown branches (``[schedule] kind = "wsd-branches"``: ``branches.trained_flops`` per run, and the FLOPs spent
+over the FLOPs the points represent).
 
 The machine may be shared, so every figure is the median of interleaved repeats and ratios pair figures measured
 moments apart; ``--clock cpu`` times this thread's CPU time instead of wall time, which a busy machine inflates.
@@ -24,12 +26,14 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import torch
 from train_throughput import Bench, matmul_gflops
 
+from scaling.branches import trained_flops
 from scaling.config import ModelConfig, SweepConfig, load_sweep
 from scaling.flops import train_flops_per_token
 from scaling.grid import plan
@@ -47,25 +51,28 @@ def force_sdpa(model: torch.nn.Module) -> None:
             module.batched = False
 
 
-def flops_spent(runs: pd.DataFrame) -> pd.Series | None:
-    """FLOPs the plan's runs cost when runs branch off shared trunks: the plan's ``flops_spent`` column (each
-    run's share of its trunk plus its own branch), or None for a plan without branches. The one place branch
-    accounting enters this benchmark."""
-    return runs["flops_spent"] if "flops_spent" in runs else None
+def grid_rate(runs: pd.DataFrame, work: pd.Series, gflops: dict[ModelConfig, float]) -> dict:
+    """CPU-minutes of training steps for ``work`` (FLOPs each planned run trains itself) at each shape's
+    throughput, and isoFLOP points (runs that are not trunks) per CPU-minute."""
+    seconds = sum(f / (gflops[spec.model] * 1e9) for f, spec in zip(work, runs["spec"], strict=True))
+    points = int((runs["role"] != "trunk").sum()) if "role" in runs else len(runs)
+    return {"flops": float(work.sum()), "cpu_minutes": seconds / 60, "points_per_cpu_minute": points * 60 / seconds}
 
 
-def grid_rate(runs: pd.DataFrame, flops: pd.Series, gflops: dict[ModelConfig, float]) -> dict:
-    """CPU-minutes of training steps for ``flops`` per run at each shape's throughput, and points per minute."""
-    seconds = sum(f / (gflops[spec.model] * 1e9) for f, spec in zip(flops, runs["spec"], strict=True))
-    return {"flops": float(flops.sum()), "cpu_minutes": seconds / 60, "points_per_cpu_minute": len(runs) * 60 / seconds}
+def branched(sweep: SweepConfig) -> pd.DataFrame:
+    """The sweep's plan with trunks and cooldown branches (``[schedule] kind = "wsd-branches"``): the one place
+    branch accounting enters this benchmark."""
+    return plan(replace(sweep, schedule=replace(sweep.schedule, kind="wsd-branches"))).runs
 
 
 def measure(sweep: SweepConfig, repeats: int, steps: int, clock: str, family_experts: tuple[int, ...]) -> dict:
     """Medians over interleaved repeats of peak and step throughput per shape and attention path."""
     torch.set_num_threads(1)
     keep_freed_memory()  # as train_run does on CPU
-    runs = plan(sweep).runs
-    shapes = sorted(set(runs["spec"].map(lambda spec: spec.model)), key=lambda c: (c.n_experts, c.d_model, c.n_layers))
+    runs, branches = plan(sweep).runs, branched(sweep)
+    shapes = sorted(set(runs["spec"].map(lambda spec: spec.model)) | set(branches["spec"].map(lambda s: s.model)),
+                    key=lambda c: (c.n_experts, c.d_model, c.n_layers))
+    family_experts = family_experts or tuple(sorted({cfg.n_experts for cfg in shapes}))
     batch = sweep.train.batch_size
     benches = {(cfg, path): Bench(cfg, batch) for cfg in shapes for path in PATHS}
     for (_, path), bench in benches.items():
@@ -94,7 +101,7 @@ def measure(sweep: SweepConfig, repeats: int, steps: int, clock: str, family_exp
                                                                    strict=True))}
             for cfg in shapes]
     family = [r for r in rows if r["n_experts"] in family_experts]
-    spent = flops_spent(runs)
+    points = branches[branches["role"] != "trunk"]
     return {
         "sweep": sweep.name, "clock": clock, "threads": torch.get_num_threads(), "batch_size": batch,
         "peak_gflops": peak, "shapes": rows,
@@ -104,9 +111,11 @@ def measure(sweep: SweepConfig, repeats: int, steps: int, clock: str, family_exp
                    "mean_gflops": {path: statistics.mean(r["gflops"][path] for r in family) for path in PATHS}},
         "grid": {"points": len(runs), "flops_planned": float(runs["flops"].sum()),
                  "without_branches": {path: grid_rate(runs, runs["flops"], gflops[path]) for path in PATHS},
-                 "with_branches": None if spent is None else
-                 {"planned_per_spent": float(runs["flops"].sum() / spent.sum()),
-                  **{path: grid_rate(runs, spent, gflops[path]) for path in PATHS}}},
+                 "with_branches": {"points": len(points), "trunks": int((branches["role"] == "trunk").sum()),
+                                   "spent_over_represented": float(branches["flops_spent"].sum()
+                                                                   / points["flops"].sum()),
+                                   **{path: grid_rate(branches, trained_flops(branches), gflops[path])
+                                      for path in PATHS}}},
     }
 
 
@@ -117,10 +126,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="training steps per repeat, shape and path")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall time, or this thread's CPU time (steadier on a busy machine)")
-    parser.add_argument("--family-experts", default="1,8", help="expert counts the family summary averages")
+    parser.add_argument("--family-experts", default="", help="expert counts the family summary averages, e.g. "
+                        "1,8 (default: every sparsity of the sweep)")
     parser.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     args = parser.parse_args()
-    experts = tuple(int(e) for e in args.family_experts.split(","))
+    experts = tuple(int(e) for e in args.family_experts.split(",") if e)
     r = measure(load_sweep(args.sweep), args.repeats, args.steps, args.clock, experts)
     if args.json:
         json.dump(r, sys.stdout)
@@ -140,13 +150,12 @@ def main() -> None:
     grid = r["grid"]
     for name in ("without_branches", "with_branches"):
         g = grid[name]
-        if g is None:
-            print(f"grid {name.replace('_', ' ')}: the plan has no flops_spent")
-            continue
-        print(f"grid {name.replace('_', ' ')}: {grid['points']} points, {g['auto']['flops']:.3g} FLOPs, "
-              f"{g['auto']['cpu_minutes']:.1f} CPU-min of steps ({g['sdpa']['cpu_minutes']:.1f} with SDPA), "
+        print(f"grid {name.replace('_', ' ')}: {g.get('points', grid['points'])} points, "
+              f"{g['auto']['flops']:.3g} FLOPs trained, {g['auto']['cpu_minutes']:.1f} CPU-min of steps "
+              f"({g['sdpa']['cpu_minutes']:.1f} with SDPA), "
               f"{g['auto']['points_per_cpu_minute']:.2f} points per CPU-min")
-
+    print(f"branches: {grid['with_branches']['trunks']} trunks; FLOPs spent / represented = "
+          f"{grid['with_branches']['spent_over_represented']:.0%}")
 
 if __name__ == "__main__":
     main()
