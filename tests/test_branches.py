@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REPO_CACHE
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -41,7 +42,6 @@ from scaling.config import (
     load_sweep,
     parse_sweep,
 )
-from scaling.data import prepare
 from scaling.executors import LocalExecutor
 from scaling.flops import train_flops_per_token
 from scaling.grid import COLUMNS, plan, row_for
@@ -50,7 +50,6 @@ from scaling.store import SCHEMA_VERSION, connect, register_plan
 from scaling.train import lr_at, train_run
 
 ROOT = Path(__file__).resolve().parent.parent
-REPO_CACHE = ROOT / "data" / "cache"
 CHECK = ROOT / "sweeps" / "branches-check.toml"
 OLD_STORE = Path(__file__).parent / "data" / "store_v1.duckdb.gz"  # written by schema version 1
 BATCH, CONTEXT = 16, 32
@@ -58,12 +57,7 @@ BRANCHED = SweepConfig(name="t", budgets=(1.0,), variants=(Variant(1, 1),), uniq
                        schedule=Schedule(kind="wsd-branches"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def shakespeare():
-    with pytest.MonkeyPatch.context() as m:
-        m.setenv("SCALING_CACHE", str(REPO_CACHE))
-        prepare("shakespeare")
-        yield
+pytestmark = pytest.mark.usefixtures("shakespeare")
 
 
 # ------------------------------------------------------------------------------------------------ schedule

@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import cli_in_process
 
 from scaling import laws
 from scaling.bootstrap import percentile_intervals, resample_weights
@@ -592,16 +592,8 @@ def test_bad_input_raises_fit_error():
 
 def scaling_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """``scaling ARGS`` through the command's entry point, in this process: exit code, stdout, stderr."""
-    from scaling import cli
-
-    monkeypatch.setattr(sys, "argv", ["scaling", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    done = cli_in_process(monkeypatch, capsys, *args)
+    return done.returncode, done.stdout, done.stderr
 
 
 def test_cli_fit_csv_json_and_one_line_errors(tmp_path, monkeypatch, capsys):

@@ -25,31 +25,20 @@ from types import SimpleNamespace
 import pytest
 
 from scaling.config import load_sweep
-from scaling.data import prepare
 from scaling.executors import LocalExecutor, Task, available_cpus
 from scaling.grid import plan
 from scaling.runner import execute_locked, run_sweep
 from scaling.store import connect
 
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "sweeps" / "smoke.toml"
-REPO_CACHE = ROOT / "data" / "cache"
 WORKERS = max(2, available_cpus())  # one thread each
 TIMEOUT_S = 300  # for one driver to finish the sweep; on 2 busy cores it takes well under a minute
 STARTED = re.compile(r"starting run \w+: .*, (\d+) CPU thread\(s\)")
 RESUMED = re.compile(r"resuming at step (\d+) run")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def shakespeare():
-    """The real corpus, prepared once into the repository's (git-ignored) cache, which drivers, workers and Slurm
-    jobs inherit through $SCALING_CACHE."""
-    with pytest.MonkeyPatch.context() as m:
-        m.setenv("SCALING_CACHE", str(REPO_CACHE))
-        prepare("shakespeare")
-        yield
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shakespeare")]
 
 
 def smoke_runs() -> list[tuple[str, int]]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 import pytest
+from conftest import cli_in_process
 from synthetic import SMALL, build_store
 
 SCALING = shutil.which("scaling") or str(Path(sys.executable).parent / "scaling")
@@ -93,20 +94,6 @@ def test_export_writes_parquet(db, tmp_path):
     assert unknown.returncode == 1 and "no sweep named 'nope'" in unknown.stderr
 
 
-def in_process(monkeypatch, capsys, *args: str) -> subprocess.CompletedProcess:
-    """``scaling ARGS`` through the command's entry point in this process (fast, for the many probes)."""
-    from scaling import cli
-
-    monkeypatch.setattr(sys, "argv", ["scaling", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
-
-
 def one_line_refusal(result: subprocess.CompletedProcess) -> str:
     """A refusal as users see it: exit 1, nothing on stdout, one line on stderr; returns that line."""
     lines = result.stderr.strip().splitlines()
@@ -137,7 +124,8 @@ def test_only_one_read_only_statement_runs(db, tmp_path, monkeypatch, capsys, st
     """The write guard's probes: DuckDB's parser decides, so comments first or a second statement hide nothing;
     the target file is never written."""
     target = tmp_path / "target.out"
-    line = one_line_refusal(in_process(monkeypatch, capsys, "sql", "--db", db, "--", statement.format(target=target)))
+    line = one_line_refusal(cli_in_process(monkeypatch, capsys, "sql", "--db", db, "--",
+                                           statement.format(target=target)))
     assert kind in line and not target.exists()
 
 
@@ -160,12 +148,12 @@ def test_copy_over_the_results_file_is_refused(db, tmp_path):
     "FROM runs SELECT count(*) AS n",
 ])
 def test_comments_and_a_trailing_semicolon_are_allowed(db, monkeypatch, capsys, statement):
-    result = in_process(monkeypatch, capsys, "sql", statement, "--db", db, "--format", "csv")
+    result = cli_in_process(monkeypatch, capsys, "sql", statement, "--db", db, "--format", "csv")
     assert result.returncode == 0 and result.stdout.split() == ["n", "12"], result.stderr
 
 
 def test_empty_query_is_refused(db, monkeypatch, capsys):
-    assert "no SQL statement" in one_line_refusal(in_process(monkeypatch, capsys, "sql", "--db", db, "--", "-- x"))
+    assert "no SQL statement" in one_line_refusal(cli_in_process(monkeypatch, capsys, "sql", "--db", db, "--", "-- x"))
 
 
 @pytest.fixture
@@ -187,7 +175,7 @@ def test_fit_where_runs_one_read_only_statement(db, tmp_path, monkeypatch, capsy
     target = tmp_path / "target.out"
     condition = where.format(target=target)
     for source in (["--csv", str(points_csv)], ["small", "--db", db]):
-        line = one_line_refusal(in_process(monkeypatch, capsys, "fit", *source, "--law", "isoflop",
+        line = one_line_refusal(cli_in_process(monkeypatch, capsys, "fit", *source, "--law", "isoflop",
                                            "--where", condition))
         assert "--where" in line and not target.exists(), line
 

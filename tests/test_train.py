@@ -14,22 +14,14 @@ import torch.multiprocessing as mp
 
 from scaling import train
 from scaling.config import ModelConfig, RunSpec, TrainConfig
-from scaling.data import prepare
 from scaling.flops import param_counts
 from scaling.model import Transformer
 from scaling.train import clip_grad_norm, eval_steps, execute, lr_at, train_run
 
-REPO_CACHE = Path(__file__).resolve().parents[1] / "data" / "cache"
 STEPS, BATCH, CONTEXT = 40, 16, 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def shakespeare():
-    """The real corpus, prepared once into the repository's (git-ignored) cache."""
-    with pytest.MonkeyPatch.context() as m:
-        m.setenv("SCALING_CACHE", str(REPO_CACHE))
-        prepare("shakespeare")
-        yield
+pytestmark = pytest.mark.usefixtures("shakespeare")
 
 
 def make_spec(steps: int = STEPS, seed: int = 0, train_overrides: dict | None = None, **model) -> RunSpec:
