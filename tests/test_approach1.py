@@ -82,7 +82,8 @@ def test_curves_the_trainer_stores(tmp_path):
     from scaling.sweep import execute_sweep
 
     raw = tomllib.loads((ROOT / "sweeps" / "demo.toml").read_text())
-    sweep = parse_sweep({**raw, "name": "a1", "budgets": [1e10, 3e10], "min_steps": 20, "repeat": {},
+    sweep = parse_sweep({**raw, "name": "a1", "unique_tokens": 500_000, "budgets": [1e10, 3e10], "min_steps": 20,
+                         "repeat": {},
                          "sparsity": {"experts": [1]}, "sizes": {"count": 5, "span": 25.0},
                          "shape": {**raw["shape"], "min_d_model": 4},
                          "train": {**raw["train"], "eval_tokens": 4096, "token_loss_tokens": 1024,
