@@ -388,8 +388,7 @@ def draw(data: SweepData, fits: list[Fit], unique_tokens: float, folder: Path) -
         columns={"parameter": "name"})
     moe = "no MoE runs with router statistics"
     isoflop_failed = failures(fits, "isoflop")
-    sparsity_law, envelope_law, repetition_law = (named(fits, law) for law in ("sparsity", "envelope",
-                                                                                "data-constrained"))
+    sparsity_law, repetition_law = named(fits, "sparsity"), named(fits, "data-constrained")
     profiles = ("; parabolas in log N per budget with 3+ sizes, their vertices marked"
                 + (" with the isoFLOP fit's interval (crosses: outside the sampled sizes)" if verts is not None
                    else " (no interval: the isoFLOP fits failed)"))

@@ -159,7 +159,7 @@ class SparsityVertex(Law):
         coef, v = par["coef"][0, data["cell"]], data["log_n"] - par["center"][data["cell"]]
         self.objective_ = float(np.nansum(W[0] * (data["loss"] - coef[:, 0] - coef[:, 1] * v - coef[:, 2] * v * v)
                                           ** 2))
-        self._check_curves(data, par)
+        self._check_curves(par)
         samples = self._quantities(data, log_n, loss)
         self.params_ = {k: float(v) for k, v in samples.iloc[0].items() if np.isfinite(v)}
         if R:
@@ -224,7 +224,7 @@ class SparsityVertex(Law):
         return {"n": len(frame), "cell": code, "cells": cells, "log_n": log_n, "loss": cols["loss"],
                 "runs": runs, "levels": levels, "budgets": self._budgets, "sparsities": sparsities}
 
-    def _check_curves(self, data: dict, par: dict) -> None:
+    def _check_curves(self, par: dict) -> None:
         """No curve with an interior minimum is bad input (the sizes miss every optimum)."""
         inside = par["in_range"][0]
         if not inside.any():
