@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from scaling.config import ConfigError, RunSpec, SweepConfig, load_sweep
+from scaling.executors import BACKENDS, Option
 from scaling.output import FORMATS, emit, emit_json, err
 
 FORMAT = click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
@@ -32,6 +33,22 @@ GRID_COLUMNS = ["run_id", "budget", "flops", "params", "active_params", "sparsit
 
 def runs_root(path: str | None) -> Path:
     return Path(path or os.environ.get("SCALING_RUNS") or "runs").absolute()
+
+
+def executor_options(command: click.Command) -> click.Command:
+    """``--executor`` and one flag per option of the registered backends (``scaling.executors.BACKENDS``); an
+    option two backends take is one flag, its help saying what each makes of it."""
+    takers: dict[str, list[tuple[str, Option]]] = {}
+    for backend in BACKENDS.values():
+        for option in backend.options:
+            takers.setdefault(option.name, []).append((backend.name, option))
+    for name, owners in reversed(takers.items()):
+        kind = {str: click.STRING, int: click.INT, float: click.FLOAT}[owners[0][1].kind]
+        command = click.option(owners[0][1].flag, name, type=kind, default=None,
+                               help="; ".join(f"{backend}: {option.help}" for backend, option in owners))(command)
+    return click.option("--executor", type=click.Choice(list(BACKENDS)), default=None,
+                        help="where runs train: " + "; ".join(f"{b.name}: {b.summary}" for b in BACKENDS.values())
+                        + " [default: the backend the sweep's [executor] table names, else local]")(command)
 
 
 USER_ERRORS = {"scaling.store": "StoreError", "scaling.laws": "FitError", "scaling.data": "DataError",
@@ -76,25 +93,19 @@ def grid(sweep_file: str, fmt: str, dropped: bool, max_runs: int, force: bool) -
 @DB
 @RUNS_DIR
 @click.option("--one", "one", default=None, help="train a single run from a JSON RunSpec (no store)")
-@click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", show_default=True)
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="local worker processes (each run uses its train.threads, 1 unless the sweep says)")
-@click.option("--max-parallel", type=click.IntRange(min=1), default=None, help="slurm: array jobs running at once")
-@click.option("--partition", default=None, help="slurm partition")
-@click.option("--time-min", type=click.IntRange(min=1), default=None, help="slurm time limit per run (minutes)")
-@click.option("--cpus-per-task", type=click.IntRange(min=1), default=None, help="slurm cpus per run")
-@click.option("--gpus-per-node", type=click.IntRange(min=0), default=None, help="slurm gpus per run")
+@executor_options
 @click.option("--retries", type=click.IntRange(min=0), default=1, show_default=True, help="retries of failed runs")
 @click.option("--dry-run", is_flag=True, help="print what would run, with FLOPs and estimated time")
 @click.option("--quick", is_flag=True, help="a reduced version of the sweep (smoke test)")
 @MAX_RUNS
 @FORCE
 @FORMAT
-def run(sweep_file: str | None, db: str | None, runs_dir: str | None, one: str | None, executor: str,
-        workers: int, max_parallel: int | None, partition: str | None, time_min: int | None,
-        cpus_per_task: int | None, gpus_per_node: int | None, retries: int, dry_run: bool, quick: bool,
-        max_runs: int, force: bool, fmt: str) -> None:
-    """Train every run of a sweep that is not done yet and ingest the results (resumable)."""
+def run(sweep_file: str | None, db: str | None, runs_dir: str | None, one: str | None, executor: str | None,
+        retries: int, dry_run: bool, quick: bool, max_runs: int, force: bool, fmt: str, **options: object) -> None:
+    """Train every run of a sweep that is not done yet and ingest the results (resumable).
+
+    Executor options come from the sweep file's [executor] table, overridden by the flags below; each backend
+    takes only its own (an option it does not take is an error)."""
     if one is not None:
         run_one(one, runs_dir)
         return
@@ -108,16 +119,9 @@ def run(sweep_file: str | None, db: str | None, runs_dir: str | None, one: str |
 
         sweep = reduce(sweep)
     sweep = capped(sweep, max_runs, force)
-    options = {k: v for k, v in dict(partition=partition, time_min=time_min, cpus_per_task=cpus_per_task,
-                                     gpus_per_node=gpus_per_node, max_parallel=max_parallel).items()
-               if v is not None}
-    if executor == "local" and options:
-        err(f"note: {', '.join('--' + k.replace('_', '-') for k in options)} apply to --executor slurm only; "
-            "ignored (local parallelism is --workers)")
-    if executor == "slurm" and workers != 1:
-        err("note: --workers applies to --executor local only; ignored (Slurm parallelism is --max-parallel)")
-    outcome = execute_sweep(sweep, db, runs_root(runs_dir), executor=executor, workers=workers, options=options,
-                            retries=retries, dry_run=dry_run, fmt=fmt)
+    given = {k: v for k, v in options.items() if v is not None}
+    outcome = execute_sweep(sweep, db, runs_root(runs_dir), executor=executor, options=given, retries=retries,
+                            dry_run=dry_run, fmt=fmt)
     if outcome is not None and outcome.failed:
         sys.exit(1)  # the summary said which runs failed; finished ones are stored
 

@@ -392,7 +392,6 @@ TOP_KEYS = ["name", "corpus", "tokenizer", "vocab_size", "context", "unique_toke
             "min_steps", "seeds", "sparsity", "sizes", "shape", "model", "train", "repeat", "executor", "schedule"]
 MODEL_OVERRIDES = ["granularity", "moe_every", "shared_experts", "share_weights", "positional", "tie_embeddings",
                    "router_noise", "capacity_factor", "aux_loss_coef", "z_loss_coef"]
-EXECUTOR_KEYS = ["partition", "time_min", "cpus_per_task", "gpus_per_node", "mem_gb", "max_parallel"]
 
 
 def positive(value: Any, key: str) -> float:
@@ -497,18 +496,9 @@ def parse_sweep(raw: dict[str, Any], path: str = "") -> SweepConfig:
         raise ConfigError(f"train.lr_ref_width must be a whole number of channels >= 0 (0: off), got {lr_ref!r}")
     repeat = table(raw, "repeat")
     check_keys(repeat, ["seeds", "budgets"], "repeat")
-    executor = table(raw, "executor")
-    check_keys(executor, EXECUTOR_KEYS, "executor")
-    for key, value in executor.items():
-        if key == "partition" and not isinstance(value, str):
-            raise ConfigError(f"executor.partition must be a string, got {value!r}")
-        if key == "mem_gb":
-            positive(value, "executor.mem_gb")
-        elif key == "gpus_per_node":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"executor.gpus_per_node must be a whole number >= 0, got {value!r}")
-        elif key != "partition":
-            whole(value, f"executor.{key}")
+    from scaling.executors import check_table  # each backend owns its options (imported here: no cycle)
+
+    executor = check_table(table(raw, "executor"))
     seeds = seed_list(raw.get("seeds", [0]), "seeds")
     unique = unique_token_list(raw["unique_tokens"])
     repeat_seeds = seed_list(repeat["seeds"], "repeat.seeds") if "seeds" in repeat else ()
@@ -540,7 +530,7 @@ def parse_sweep(raw: dict[str, Any], path: str = "") -> SweepConfig:
         train=build(TrainConfig, train_raw, "train"),
         schedule=build(Schedule, table(raw, "schedule"), "schedule"),
         lr_ref_width=lr_ref,
-        executor=dict(executor),
+        executor=executor,
         path=path,
         unique_token_levels=unique if len(unique) > 1 else (),
     )

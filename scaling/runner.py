@@ -149,11 +149,11 @@ def run_sweep(con: duckdb.DuckDBPyConnection, sweep: SweepConfig, executor: Exec
     """Train every unfinished run of ``sweep`` and ingest each result as soon as it lands.
 
     Runs a previous driver submitted and never collected (status ``running``) are first offered to the
-    executor's ``attach`` (Slurm: jobs still queued or running); only the others are submitted. A branch is
-    submitted once its trunk's checkpoint at its cooldown start exists (while the trunk trains on), and fails if
-    its trunk stops without one. On Ctrl-C the executor is shut down, results that landed meanwhile are ingested
-    and the runs still in flight are marked ``interrupted``. ``on_update`` receives progress events:
-    {"event": "start"|"done"|"tick", ...}.
+    executor's ``attach`` (Slurm: jobs still queued or running; Ray: actors still alive); only the others are
+    submitted. A branch is submitted once its trunk's checkpoint at its cooldown start exists (while the trunk
+    trains on), and fails if its trunk stops without one. On Ctrl-C the executor is shut down, results that landed
+    meanwhile are ingested and the runs still in flight are marked ``interrupted``. ``on_update`` receives progress
+    events: {"event": "start"|"done"|"tick", ...}.
     """
     with CtrlC() as ctrl_c:
         try:
@@ -252,10 +252,7 @@ def release(waiting: dict[str, Path], in_flight: set[str]) -> tuple[list[str], l
 
 def attach(executor: Executor, rows: list[dict]) -> list[Handle]:
     """Handles for runs a previous driver submitted that are still in flight, if the executor can tell."""
-    attach_to = getattr(executor, "attach", None)
-    if attach_to is None or not rows:
-        return []
-    return attach_to(tasks_of(rows))
+    return executor.attach(tasks_of(rows)) if rows else []
 
 
 def submit(con: duckdb.DuckDBPyConnection, executor: Executor, rows: list[dict],

@@ -11,23 +11,25 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from scaling.config import SweepConfig
-from scaling.executors import Executor, LocalExecutor, SlurmExecutor
+from scaling.executors import choose
 from scaling.output import emit, err
 from scaling.runner import SweepOutcome, execute_locked, failure_advice, run_sweep
 from scaling.runner import dry_run as dry_run_plan
 from scaling.store import connect
 
 
-def make_executor(kind: str, runs_dir: Path, workers: int, options: dict) -> Executor:
-    if kind == "slurm":
-        return SlurmExecutor(folder=runs_dir / "_slurm", fn=execute_locked, **options)
-    return LocalExecutor(workers=workers, fn=execute_locked)
-
-
-def execute_sweep(sweep: SweepConfig, db: str | None, runs_dir: Path, executor: str = "local", workers: int = 1,
-                  options: dict | None = None, retries: int = 1, dry_run: bool = False,
+def execute_sweep(sweep: SweepConfig, db: str | None, runs_dir: Path, executor: str | None = None,
+                  options: dict | None = None, workers: int | None = None, retries: int = 1, dry_run: bool = False,
                   fmt: str = "table") -> SweepOutcome | None:
-    """Run (or with ``dry_run`` list) the unfinished runs of a sweep; prints progress and how to resume."""
+    """Run (or with ``dry_run`` list) the unfinished runs of a sweep; prints progress and how to resume.
+
+    ``executor``: the backend's name (default: the one the sweep's ``[executor]`` table names, else local);
+    ``options``: the command line's options for it, over the table's (``scaling.executors.choose`` checks both);
+    ``workers``: the local backend's ``workers`` option."""
+    given = {**({"workers": workers} if workers is not None else {}), **(options or {})}
+    backend, settings, note = choose(executor, sweep.executor, given)
+    if note:
+        err(note)
     if dry_run:
         todo = dry_run_plan(db, sweep, retries)
         emit(todo, fmt, title=f"{len(todo)} runs would train")
@@ -39,9 +41,8 @@ def execute_sweep(sweep: SweepConfig, db: str | None, runs_dir: Path, executor: 
     try:
         started = time.monotonic()
         with Reporter(sweep.name, runs_dir) as reporter:
-            # Slurm options: the sweep file's [executor] table, overridden by the command line
-            backend = make_executor(executor, runs_dir, workers, {**sweep.executor, **(options or {})})
-            outcome = run_sweep(con, sweep, backend, runs_dir, retries=retries, on_update=reporter.update)
+            runner = backend.make(runs_dir, execute_locked, settings)
+            outcome = run_sweep(con, sweep, runner, runs_dir, retries=retries, on_update=reporter.update)
         elapsed = duration(time.monotonic() - started)
         if outcome.interrupted:
             err(f"interrupted: finished runs are stored; rerun `scaling run {sweep.path or sweep.name}` with the same "

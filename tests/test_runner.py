@@ -39,6 +39,9 @@ class Scripted:
         self.submitted += [t.run_id for t in tasks]
         return [Done(t, (self.scripts.get(t.run_id) or ["ok"]).pop(0)) for t in tasks]
 
+    def attach(self, tasks: list[Task]) -> list:
+        return []
+
     def shutdown(self, cancel: bool) -> None:
         pass
 

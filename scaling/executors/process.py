@@ -1,0 +1,123 @@
+"""One task in a fresh Python process of its own: how it is started, what it runs, how its end is read.
+
+The local backend runs these processes itself; the Ray backend runs one under each run's actor. The process is a
+plain ``python -c`` subprocess in a session of its own: its output goes to ``run_dir/worker.log`` from the first
+byte (import errors included), it does not re-import the driver's ``__main__``, signals to its process group reach
+the trainer's children too, and an exit code or signal is attributed to exactly one task. The task ``(fn, spec,
+run_dir)`` arrives as a cloudpickle file; the outcome leaves as a pickle file written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from scaling.executors.base import (
+    LOG_NAME,
+    THREAD_VARS,
+    Outcome,
+    Task,
+    TaskFn,
+    available_cpus,
+    describe,
+    limit_threads,
+    log_tail,
+    run_task,
+)
+
+WORKER_COMMAND = "import sys, scaling.executors.process as p; p.worker_main(sys.argv[1], sys.argv[2])"
+
+
+def worker_main(payload_path: str, out_path: str) -> None:
+    """Body of a worker process: load ``(fn, spec, run_dir)``, run it, pickle the outcome."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's; it stops workers with shutdown()
+    limit_threads(int(os.environ.get("SCALING_THREADS") or available_cpus()))
+    try:
+        with open(payload_path, "rb") as f:
+            fn, spec, run_dir = pickle.load(f)
+        outcome = run_task(fn, spec, run_dir)
+    except Exception as exc:  # the task could not even be loaded
+        outcome = None, describe(exc)
+    try:
+        data = pickle.dumps(outcome)
+    except Exception as exc:
+        data = pickle.dumps((None, f"the task's result could not be pickled: {describe(exc)}"))
+    tmp = f"{out_path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, out_path)
+
+
+def worker_path() -> str:
+    """``PYTHONPATH`` for workers: the driver's ``sys.path`` entries that a fresh interpreter would lack (the
+    project, a test directory...), not those of the Python installation, which must keep their order."""
+    prefixes = {os.path.realpath(p) + os.sep for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    extra = []
+    for entry in sys.path:
+        path = os.path.realpath(entry or os.getcwd())
+        if not any((path + os.sep).startswith(prefix) for prefix in prefixes) and path not in extra:
+            extra.append(path)
+    return os.pathsep.join(extra)
+
+
+def pickle_task(fn: TaskFn, task: Task) -> bytes:
+    """The task for a worker process, pickled (an unpicklable ``fn`` fails here, in the caller)."""
+    import cloudpickle  # only a driver that starts workers pays for it
+
+    return cloudpickle.dumps((fn, task.spec, task.run_dir))
+
+
+def start_worker(payload: Path, task: Task, threads: int, env: dict[str, str] | None = None,
+                 cwd: str | None = None) -> subprocess.Popen:
+    """Start the worker process for the file ``payload`` (``pickle_task``'s bytes) with ``threads`` CPU threads;
+    its outcome goes to ``outcome_path(payload)``. ``env``: the environment (default this process's)."""
+    log = Path(task.run_dir) / LOG_NAME
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**(os.environ if env is None else env), **{var: str(threads) for var in THREAD_VARS},
+           "PYTHONUNBUFFERED": "1"}
+    with open(log, "ab") as out:
+        now = time.strftime("%Y-%m-%d %H:%M:%S")
+        out.write(f"=== {now} run {task.run_id}: worker with {threads} threads\n".encode())
+        out.flush()
+        return subprocess.Popen([sys.executable, "-c", WORKER_COMMAND, str(payload), str(outcome_path(payload))],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                start_new_session=True)
+
+
+def outcome_path(payload: Path) -> Path:
+    return payload.with_suffix(".out")
+
+
+def signal_worker(process: subprocess.Popen, sig: signal.Signals) -> None:
+    """Signal the worker's whole process group (its own session): the trainer's children too."""
+    try:
+        os.killpg(process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def collect(payload: Path, task: Task, code: int, cancelled: bool) -> Outcome:
+    """The outcome of the worker that ran ``payload`` and exited with ``code`` (removing its files): what it
+    wrote, or why it wrote nothing (stopped by the driver, killed by a signal, an exit code, its log's tail)."""
+    out = outcome_path(payload)
+    payload.unlink(missing_ok=True)
+    if out.exists():
+        with open(out, "rb") as f:
+            outcome: Outcome = pickle.load(f)
+        out.unlink()
+        return outcome
+    if cancelled:
+        return None, "cancelled: worker stopped by shutdown"
+    if code < 0:
+        try:
+            how = f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"killed by signal {-code}"
+    else:
+        how = f"exit code {code}"
+    return None, f"worker process died ({how}){log_tail(Path(task.run_dir) / LOG_NAME)}"

@@ -1,0 +1,275 @@
+"""The ``ray`` backend: each run is a detached Ray actor on a running cluster, which trains it in a worker process.
+
+Why a detached actor per run: a plain Ray task belongs to the driver that submitted it and dies with it, and Ray
+Jobs need the dashboard's job server. A named actor with ``lifetime="detached"`` outlives the driver. Its
+constructor starts the run's worker process (``scaling.executors.process``, as the local backend does:
+``worker.log``, exit codes, SIGTERM to stop) and ``wait`` returns the outcome. ``actors.json`` in the runs
+directory's ``_ray`` folder maps run_id → actor name (written before the actor is created), so a restarted driver
+``attach``es to the actors of runs still in flight, or finished and not yet collected, instead of submitting them
+again, as the Slurm backend does with job ids. The driver kills an actor once it has its outcome. If an actor dies
+(its node was lost), Ray restarts it up to ``MAX_RESTARTS`` times and the run resumes from its checkpoint, as a
+requeued Slurm job does; one that dies for good fails its run, which the driver retries (``--retries``).
+
+Resources per run: ``cpus_per_task`` CPUs (default the run's ``train.threads``), ``mem_gb``, ``gpus_per_task``;
+Ray starts an actor once a node has them free. The worker process runs in the driver's working directory when the
+node has it, with the driver's ``SCALING_*`` variables. So every node needs scaling installed in the Python that
+runs Ray, and the runs directory (and the data cache) on a filesystem all nodes share. Workers write run files
+only; the driver alone writes the store. ``ray`` (the extra ``scaling[ray]``) is imported only when this backend
+is used.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from scaling.executors.base import Backend, ExecutorError, Handle, Option, Outcome, Task, TaskFn, execute
+from scaling.executors.process import collect, pickle_task, signal_worker, start_worker, worker_path
+
+NAMESPACE = "scaling"
+MAX_RESTARTS = 3  # of a run's actor after its node died; each restart resumes the run from its checkpoint
+WAIT_S = 10.0  # how long one ``wait`` call blocks in the actor (a call of a killed driver ends within this)
+
+
+class RunActor:
+    """A run's actor: its constructor starts the worker process; ``wait`` and ``stop`` report how it ended."""
+
+    def __init__(self, task_pickle: bytes, task: Task, threads: int, env: dict[str, str], cwd: str) -> None:
+        self.task = task
+        self.tmp = Path(tempfile.mkdtemp(prefix="scaling-ray-"))
+        self.payload = self.tmp / "task.in.pkl"
+        self.payload.write_bytes(task_pickle)
+        self.cancelled = False
+        self.outcome: Outcome | None = None
+        self.lock = threading.Lock()  # calls run in threads of their own (a threaded actor)
+        self.process = start_worker(self.payload, task, threads, env={**os.environ, **env},
+                                    cwd=cwd if os.path.isdir(cwd) else None)
+
+    def wait(self, timeout_s: float) -> Outcome | None:
+        """The outcome, or None if the worker is still running after ``timeout_s``."""
+        try:
+            code = self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+        with self.lock:
+            if self.outcome is None:
+                self.outcome = collect(self.payload, self.task, code, self.cancelled)
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            return self.outcome
+
+    def stop(self, grace_s: float) -> Outcome:
+        """SIGTERM to the worker (the trainer checkpoints where it is), SIGKILL after ``grace_s``."""
+        self.cancelled = True
+        signal_worker(self.process, signal.SIGTERM)
+        if self.wait(grace_s) is None:
+            signal_worker(self.process, signal.SIGKILL)
+        outcome = self.wait(grace_s)
+        assert outcome is not None
+        return outcome
+
+
+class RayHandle:
+    """A run in its actor. ``done`` looks at one outstanding ``wait`` call (a local check, no round trip)."""
+
+    def __init__(self, task: Task, actor: Any, name: str) -> None:
+        self.task = task
+        self.actor = actor
+        self.name = name
+        self._call: Any = None
+        self._outcome: Outcome | None = None
+
+    def done(self) -> bool:
+        import ray
+
+        if self._outcome is not None:
+            return True
+        if self._call is None:
+            self._call = self.actor.wait.remote(WAIT_S)
+        ready, _ = ray.wait([self._call], timeout=0)
+        if not ready:
+            return False
+        call, self._call = self._call, None
+        try:
+            outcome = ray.get(call)
+        except ray.exceptions.RayError as exc:  # the actor died for good (restarts used up), or was killed
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            outcome = None, f"ray actor {self.name} of this run died: {first}"
+        if outcome is None:
+            return False
+        self.finish(outcome)
+        return True
+
+    def outcome(self) -> Outcome:
+        while not self.done():
+            time.sleep(0.2)
+        assert self._outcome is not None
+        return self._outcome
+
+    def finish(self, outcome: Outcome) -> None:
+        """Keep the outcome and end the actor: nothing else needs it."""
+        import ray
+
+        self._outcome = outcome
+        ray.kill(self.actor, no_restart=True)
+
+
+class RayExecutor:
+    """Runs each task in a detached actor of the Ray cluster at ``address`` (else ``$RAY_ADDRESS``); ``folder``
+    holds ``actors.json``. ``shutdown(cancel=True)`` stops the workers (SIGTERM, then SIGKILL after ``grace_s``)
+    and kills their actors; ``cancel=False`` leaves them running, for a later driver to attach to."""
+
+    def __init__(self, folder: str | os.PathLike, address: str | None = None, cpus_per_task: int | None = None,
+                 gpus_per_task: float | None = None, mem_gb: float | None = None, fn: TaskFn = execute,
+                 grace_s: float = 10.0) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise ExecutorError("the ray executor needs Ray: pip install 'scaling[ray]'") from None
+        address = address or os.environ.get("RAY_ADDRESS")
+        if not address:
+            raise ExecutorError("the ray executor needs a cluster: --address HOST:PORT (or RAY_ADDRESS) of a "
+                                "running Ray head (`ray start --head` starts one)")
+        if not ray.is_initialized():
+            try:
+                ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
+            except Exception as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise ExecutorError(f"cannot connect to a Ray cluster at {address}: {first}") from None
+        self.folder = Path(folder).resolve()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.fn = fn
+        self.cpus_per_task = cpus_per_task
+        self.gpus_per_task = gpus_per_task
+        self.mem_gb = mem_gb
+        self.grace_s = grace_s
+        self.actor_class = ray.remote(RunActor)
+        # what the worker process needs from the driver: its working directory (data/cache), SCALING_* settings,
+        # and the sys.path entries a fresh interpreter would lack
+        self.cwd = os.getcwd()
+        self.env = {**{k: v for k, v in os.environ.items() if k.startswith("SCALING_")}, "PYTHONPATH": worker_path()}
+        self._handles: list[RayHandle] = []
+        self._closed = False
+
+    @property
+    def actors_file(self) -> Path:
+        return self.folder / "actors.json"
+
+    def submit(self, tasks: list[Task]) -> list[Handle]:
+        if self._closed:
+            raise RuntimeError("this executor is shut down")
+        pickles = [pickle_task(self.fn, task) for task in tasks]  # an unpicklable fn fails before anything starts
+        names = [f"{task.run_id}-{uuid.uuid4().hex[:12]}" for task in tasks]
+        previous = self._load()
+        self._record(tasks, names)  # before the actors exist: a killed driver's successor can find every one
+        handles: list[RayHandle] = []
+        for task, name, task_pickle in zip(tasks, names, pickles, strict=True):
+            self._kill(previous.get(task.run_id, {}).get("actor"))  # a run has one actor at most
+            threads = int(task.spec.get("train", {}).get("threads") or self.cpus_per_task or 1)
+            resources: dict[str, Any] = {"num_cpus": self.cpus_per_task or threads}
+            if self.gpus_per_task:
+                resources["num_gpus"] = self.gpus_per_task
+            if self.mem_gb:
+                resources["memory"] = int(self.mem_gb * 2**30)
+            actor = self.actor_class.options(
+                name=name, namespace=NAMESPACE, lifetime="detached", max_restarts=MAX_RESTARTS,
+                max_task_retries=MAX_RESTARTS, max_concurrency=4, **resources,
+            ).remote(task_pickle, task, threads, self.env, self.cwd)
+            handles.append(RayHandle(task, actor, name))
+        self._handles += handles
+        return list(handles)
+
+    def attach(self, tasks: list[Task]) -> list[Handle]:
+        """Handles for the tasks whose recorded actor is still alive (running, or finished uncollected)."""
+        import ray
+
+        recorded = self._load()
+        handles: list[RayHandle] = []
+        for task in tasks:
+            entry = recorded.get(task.run_id, {})
+            if entry.get("run_dir") != task.run_dir:
+                continue
+            try:
+                actor = ray.get_actor(entry["actor"], namespace=NAMESPACE)
+            except ValueError:  # gone: collected and killed, or the cluster was restarted
+                continue
+            handles.append(RayHandle(task, actor, entry["actor"]))
+        self._handles += handles
+        return list(handles)
+
+    def shutdown(self, cancel: bool) -> None:
+        import ray
+
+        self._closed = True
+        if not cancel:
+            return
+        running = [h for h in self._handles if h._outcome is None]
+        calls = [h.actor.stop.remote(self.grace_s) for h in running]
+        ready, _ = ray.wait(calls, num_returns=len(calls), timeout=2 * self.grace_s + 10) if calls else ([], [])
+        for handle, call in zip(running, calls, strict=True):
+            try:
+                outcome = ray.get(call) if call in ready else (None, "cancelled: its actor did not answer")
+            except ray.exceptions.RayError as exc:
+                outcome = None, f"cancelled: {type(exc).__name__}"
+            handle.finish(outcome)
+
+    def _kill(self, name: str | None) -> None:
+        import ray
+
+        if name is None:
+            return
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        except ValueError:
+            pass
+
+    def _load(self) -> dict[str, dict[str, str]]:
+        try:
+            return json.loads(self.actors_file.read_text())
+        except (FileNotFoundError, ValueError):  # none yet; a torn file cannot happen (atomic writes)
+            return {}
+
+    def _record(self, tasks: list[Task], names: list[str]) -> None:
+        with self._locked():
+            actors = self._load()
+            now = time.strftime("%Y-%m-%dT%H:%M:%S")
+            for task, name in zip(tasks, names, strict=True):
+                actors[task.run_id] = {"actor": name, "run_dir": task.run_dir, "submitted_at": now}
+            tmp = self.actors_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(actors, indent=1, sort_keys=True))
+            os.replace(tmp, self.actors_file)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.folder / "actors.json.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+
+def make(runs_dir: Path, fn: TaskFn, options: dict[str, Any]) -> RayExecutor:
+    return RayExecutor(folder=runs_dir / "_ray", fn=fn, **options)
+
+
+BACKEND = Backend(
+    name="ray",
+    summary="detached actors on a running Ray cluster (the runs directory on a shared filesystem)",
+    options=(
+        Option("address", str, "cluster address, HOST:PORT of its head (or auto); $RAY_ADDRESS if not given"),
+        Option("cpus_per_task", int, "CPUs reserved per run, its train.threads if not given"),
+        Option("gpus_per_task", float, "GPUs reserved per run (fractions allowed)", minimum=0),
+        Option("mem_gb", float, "memory reserved per run (GB)", minimum=0, positive=True),
+    ),
+    make=make,
+)
