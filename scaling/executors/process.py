@@ -14,6 +14,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,11 +32,15 @@ from scaling.executors.base import (
 )
 
 WORKER_COMMAND = "import sys, scaling.executors.process as p; p.worker_main(sys.argv[1], sys.argv[2])"
+PARENT_VAR = "SCALING_WORKER_PARENT"  # set to the starting process's pid: the worker stops when that process dies
 
 
 def worker_main(payload_path: str, out_path: str) -> None:
     """Body of a worker process: load ``(fn, spec, run_dir)``, run it, pickle the outcome."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's; it stops workers with shutdown()
+    parent = os.environ.pop(PARENT_VAR, "")
+    if parent:
+        stop_when_orphaned(int(parent))
     limit_threads(int(os.environ.get("SCALING_THREADS") or available_cpus()))
     try:
         with open(payload_path, "rb") as f:
@@ -51,6 +56,18 @@ def worker_main(payload_path: str, out_path: str) -> None:
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, out_path)
+
+
+def stop_when_orphaned(parent: int, poll_s: float = 1.0) -> None:
+    """SIGTERM this process (the trainer checkpoints where it is, then exits) once ``parent`` is no longer its
+    parent: a worker whose supervisor died (a Ray actor) must not train on unseen while a restarted one starts the
+    run again."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="scaling-parent-watch", daemon=True).start()
 
 
 def worker_path() -> str:

@@ -24,9 +24,10 @@ import fcntl
 import json
 import logging
 import os
+import pickle
 import shutil
 import signal
-import subprocess
+import socket
 import tempfile
 import threading
 import time
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from scaling.executors.base import Backend, ExecutorError, Handle, Option, Outcome, Task, TaskFn, execute
-from scaling.executors.process import collect, pickle_task, signal_worker, start_worker, worker_path
+from scaling.executors.process import PARENT_VAR, collect, pickle_task, signal_worker, start_worker, worker_path
 
 NAMESPACE = "scaling"
 MAX_RESTARTS = 3  # of a run's actor after its node died; each restart resumes the run from its checkpoint
@@ -45,49 +46,70 @@ WAIT_S = 10.0  # how long one ``wait`` call blocks in the actor (a call of a kil
 
 
 class RunActor:
-    """A run's actor: its constructor starts the worker process; ``wait`` and ``stop`` report how it ended."""
+    """A run's actor. Its constructor starts the worker process and a thread that, once the worker has ended,
+    writes the outcome to ``outcome_file`` (in the shared ``_ray`` folder; written once, atomically), so that a
+    driver can read it even after this actor is gone. A restarted actor whose run already has an outcome starts
+    nothing. ``wait`` returns the outcome when there is one; ``stop`` ends the worker."""
 
-    def __init__(self, task_pickle: bytes, task: Task, threads: int, env: dict[str, str], cwd: str) -> None:
+    def __init__(self, task_pickle: bytes, task: Task, threads: int, env: dict[str, str], cwd: str,
+                 outcome_file: str) -> None:
         self.task = task
+        self.outcome_file = Path(outcome_file)
+        self.cancelled = False
+        self.ended = threading.Event()  # calls run in threads of their own (a threaded actor)
+        if self.outcome_file.exists():
+            self.ended.set()
+            return
         self.tmp = Path(tempfile.mkdtemp(prefix="scaling-ray-"))
         self.payload = self.tmp / "task.in.pkl"
         self.payload.write_bytes(task_pickle)
-        self.cancelled = False
-        self.outcome: Outcome | None = None
-        self.lock = threading.Lock()  # calls run in threads of their own (a threaded actor)
-        self.process = start_worker(self.payload, task, threads, env={**os.environ, **env},
-                                    cwd=cwd if os.path.isdir(cwd) else None)
+        env = {**os.environ, **env, PARENT_VAR: str(os.getpid())}  # the worker stops if this actor dies
+        self.process = start_worker(self.payload, task, threads, env=env, cwd=cwd if os.path.isdir(cwd) else None)
+        threading.Thread(target=self._watch, name="scaling-run-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        code = self.process.wait()
+        outcome = collect(self.payload, self.task, code, self.cancelled)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        write_outcome(self.outcome_file, outcome)
+        self.ended.set()
 
     def wait(self, timeout_s: float) -> Outcome | None:
         """The outcome, or None if the worker is still running after ``timeout_s``."""
-        try:
-            code = self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            return None
-        with self.lock:
-            if self.outcome is None:
-                self.outcome = collect(self.payload, self.task, code, self.cancelled)
-                shutil.rmtree(self.tmp, ignore_errors=True)
-            return self.outcome
+        return read_outcome(self.outcome_file) if self.ended.wait(timeout_s) else None
 
-    def stop(self, grace_s: float) -> Outcome:
-        """SIGTERM to the worker (the trainer checkpoints where it is), SIGKILL after ``grace_s``."""
-        self.cancelled = True
-        signal_worker(self.process, signal.SIGTERM)
-        if self.wait(grace_s) is None:
-            signal_worker(self.process, signal.SIGKILL)
-        outcome = self.wait(grace_s)
-        assert outcome is not None
-        return outcome
+    def stop(self, grace_s: float) -> Outcome | None:
+        """SIGTERM to the worker (the trainer checkpoints where it is), SIGKILL after ``grace_s``; the outcome."""
+        if not self.ended.is_set():
+            self.cancelled = True
+            signal_worker(self.process, signal.SIGTERM)
+            if not self.ended.wait(grace_s):
+                signal_worker(self.process, signal.SIGKILL)
+        return self.wait(grace_s)
+
+
+def write_outcome(path: Path, outcome: Outcome) -> None:
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(pickle.dumps(outcome))
+    os.replace(tmp, path)
+
+
+def read_outcome(path: Path) -> Outcome | None:
+    try:
+        return pickle.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
 
 
 class RayHandle:
-    """A run in its actor. ``done`` looks at one outstanding ``wait`` call (a local check, no round trip)."""
+    """A run in its actor. ``done`` looks at one outstanding ``wait`` call (a local check, no round trip) and, if
+    the actor has died, at the outcome file it may have written first."""
 
-    def __init__(self, task: Task, actor: Any, name: str) -> None:
+    def __init__(self, task: Task, actor: Any, name: str, outcome_file: Path) -> None:
         self.task = task
         self.actor = actor
         self.name = name
+        self.outcome_file = outcome_file
         self._call: Any = None
         self._outcome: Outcome | None = None
 
@@ -106,7 +128,7 @@ class RayHandle:
             outcome = ray.get(call)
         except ray.exceptions.RayError as exc:  # the actor died for good (restarts used up), or was killed
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            outcome = None, f"ray actor {self.name} of this run died: {first}"
+            outcome = read_outcome(self.outcome_file) or (None, f"ray actor {self.name} of this run died: {first}")
         if outcome is None:
             return False
         self.finish(outcome)
@@ -119,17 +141,42 @@ class RayHandle:
         return self._outcome
 
     def finish(self, outcome: Outcome) -> None:
-        """Keep the outcome and end the actor: nothing else needs it."""
-        import ray
-
+        """Keep the outcome, end the actor and remove its outcome file: nothing else needs them."""
         self._outcome = outcome
-        ray.kill(self.actor, no_restart=True)
+        kill(self.name)
+        self.outcome_file.unlink(missing_ok=True)
+
+
+def kill(name: str) -> None:
+    """End the actor called ``name`` if it is alive (never restarted)."""
+    import ray
+
+    try:
+        ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+    except ValueError:  # gone already
+        pass
+
+
+def check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """An ExecutorError at once if nothing listens at ``HOST:PORT`` (``ray.init`` would retry for minutes)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():  # "auto", or a form Ray resolves itself
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ExecutorError(f"no Ray cluster answers at {address} ({exc.strerror or exc}); start one with "
+                            "`ray start --head` or give its head's HOST:PORT") from None
 
 
 class RayExecutor:
     """Runs each task in a detached actor of the Ray cluster at ``address`` (else ``$RAY_ADDRESS``); ``folder``
-    holds ``actors.json``. ``shutdown(cancel=True)`` stops the workers (SIGTERM, then SIGKILL after ``grace_s``)
-    and kills their actors; ``cancel=False`` leaves them running, for a later driver to attach to."""
+    holds ``actors.json`` and the outcome files of runs not yet collected (``<actor>.outcome``).
+
+    A driver collecting an outcome kills its actor and removes the file. Actors that finished while no driver
+    was there (their runs may be ingested from their run files and never attached) are killed when an executor
+    starts or shuts down. ``shutdown(cancel=True)`` stops the workers (SIGTERM, then SIGKILL after ``grace_s``)
+    and kills their actors; ``cancel=False`` leaves running ones running, for a later driver to attach to."""
 
     def __init__(self, folder: str | os.PathLike, address: str | None = None, cpus_per_task: int | None = None,
                  gpus_per_task: float | None = None, mem_gb: float | None = None, fn: TaskFn = execute,
@@ -143,6 +190,7 @@ class RayExecutor:
             raise ExecutorError("the ray executor needs a cluster: --address HOST:PORT (or RAY_ADDRESS) of a "
                                 "running Ray head (`ray start --head` starts one)")
         if not ray.is_initialized():
+            check_reachable(address)
             try:
                 ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
             except Exception as exc:
@@ -162,6 +210,7 @@ class RayExecutor:
         self.env = {**{k: v for k, v in os.environ.items() if k.startswith("SCALING_")}, "PYTHONPATH": worker_path()}
         self._handles: list[RayHandle] = []
         self._closed = False
+        self._reap()
 
     @property
     def actors_file(self) -> Path:
@@ -176,7 +225,8 @@ class RayExecutor:
         self._record(tasks, names)  # before the actors exist: a killed driver's successor can find every one
         handles: list[RayHandle] = []
         for task, name, task_pickle in zip(tasks, names, pickles, strict=True):
-            self._kill(previous.get(task.run_id, {}).get("actor"))  # a run has one actor at most
+            if task.run_id in previous:  # a run has one actor at most
+                kill(previous[task.run_id]["actor"])
             threads = int(task.spec.get("train", {}).get("threads") or self.cpus_per_task or 1)
             resources: dict[str, Any] = {"num_cpus": self.cpus_per_task or threads}
             if self.gpus_per_task:
@@ -186,13 +236,13 @@ class RayExecutor:
             actor = self.actor_class.options(
                 name=name, namespace=NAMESPACE, lifetime="detached", max_restarts=MAX_RESTARTS,
                 max_task_retries=MAX_RESTARTS, max_concurrency=4, **resources,
-            ).remote(task_pickle, task, threads, self.env, self.cwd)
-            handles.append(RayHandle(task, actor, name))
+            ).remote(task_pickle, task, threads, self.env, self.cwd, str(self.outcome_file(name)))
+            handles.append(RayHandle(task, actor, name, self.outcome_file(name)))
         self._handles += handles
         return list(handles)
 
     def attach(self, tasks: list[Task]) -> list[Handle]:
-        """Handles for the tasks whose recorded actor is still alive (running, or finished uncollected)."""
+        """Handles for the tasks whose recorded actor is still alive, or has left an outcome nobody collected."""
         import ray
 
         recorded = self._load()
@@ -201,11 +251,18 @@ class RayExecutor:
             entry = recorded.get(task.run_id, {})
             if entry.get("run_dir") != task.run_dir:
                 continue
+            name = entry["actor"]
+            outcome = read_outcome(self.outcome_file(name))
             try:
-                actor = ray.get_actor(entry["actor"], namespace=NAMESPACE)
+                actor = ray.get_actor(name, namespace=NAMESPACE)
             except ValueError:  # gone: collected and killed, or the cluster was restarted
+                actor = None
+            if outcome is None and actor is None:
                 continue
-            handles.append(RayHandle(task, actor, entry["actor"]))
+            handle = RayHandle(task, actor, name, self.outcome_file(name))
+            if outcome is not None:
+                handle.finish(outcome)
+            handles.append(handle)
         self._handles += handles
         return list(handles)
 
@@ -214,26 +271,26 @@ class RayExecutor:
 
         self._closed = True
         if not cancel:
+            self._reap()
             return
         running = [h for h in self._handles if h._outcome is None]
         calls = [h.actor.stop.remote(self.grace_s) for h in running]
         ready, _ = ray.wait(calls, num_returns=len(calls), timeout=2 * self.grace_s + 10) if calls else ([], [])
         for handle, call in zip(running, calls, strict=True):
             try:
-                outcome = ray.get(call) if call in ready else (None, "cancelled: its actor did not answer")
+                outcome = (ray.get(call) if call in ready else None) or (None, "cancelled: its worker did not stop")
             except ray.exceptions.RayError as exc:
                 outcome = None, f"cancelled: {type(exc).__name__}"
             handle.finish(outcome)
 
-    def _kill(self, name: str | None) -> None:
-        import ray
+    def outcome_file(self, name: str) -> Path:
+        return self.folder / f"{name}.outcome"
 
-        if name is None:
-            return
-        try:
-            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
-        except ValueError:
-            pass
+    def _reap(self) -> None:
+        """Kill the recorded actors that have finished (written their outcome): nothing runs in them any more."""
+        for entry in self._load().values():
+            if self.outcome_file(entry["actor"]).exists():
+                kill(entry["actor"])
 
     def _load(self) -> dict[str, dict[str, str]]:
         try:
