@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -126,10 +127,44 @@ def test_sweep_runs_through_ray_and_is_ingested(ray_head, tmp_path):
     assert live_actors(ray_head, list(actors.values())) == []
 
 
-def test_killed_driver_rerun_attaches_and_trains_every_run_once(ray_head, tmp_path):
+def worker_of(run_dir: Path) -> int | None:
+    """The pid of the worker process training ``run_dir`` (its stdout is the run's worker.log), if one is."""
+    log_path = str(run_dir / "worker.log")
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and os.readlink(proc / "fd" / "1") == log_path:
+                return int(proc.name)
+        except OSError:
+            continue
+    return None
+
+
+def kill_an_actor_mid_run(runs: Path) -> str:
+    """SIGKILL the actor of a run that has a checkpoint and 30+ steps to go, as if its node had died; returns the
+    run. Ray restarts the actor, which starts the run again (it resumes from its checkpoint)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for run_dir in sorted(p for p in runs.iterdir() if (p / "checkpoint.pt").exists()):
+            try:
+                progress = json.loads((run_dir / "progress.json").read_text())
+            except (OSError, ValueError):
+                continue
+            worker = worker_of(run_dir)
+            if worker is None or progress["step"] > progress["steps"] - 30:
+                continue
+            stat = Path(f"/proc/{worker}/stat").read_text()
+            actor = int(stat.rsplit(")", 1)[1].split()[1])  # the worker's parent
+            os.kill(actor, signal.SIGKILL)
+            return run_dir.name
+        time.sleep(0.05)
+    pytest.fail("could not catch a run between its first checkpoint and its end")
+
+
+def test_killed_driver_and_actor_rerun_attaches_and_trains_every_run_once(ray_head, tmp_path):
     """The smoke sweep (6 runs, 2 at a time on the 2-CPU head): the driver is SIGKILLed once it has ingested its
-    first run; the actors of the others live on. The rerun attaches to every one of them (no run is submitted
-    again), collects them as they finish, and every run is stored ``ok``, trained exactly once."""
+    first run; the actors of the others live on. Then one actor is SIGKILLed mid-run (a lost node): Ray restarts
+    it and its run resumes from a checkpoint. The rerun attaches to every actor (no run is submitted again),
+    collects them as they finish, and every run is stored ``ok``, trained once (the victim: once, then resumed)."""
     db, runs = tmp_path / "results.duckdb", tmp_path / "runs"
     args = ("--executor", "ray", "--address", ray_head, "--db", str(db), "--runs-dir", str(runs))
     first = Driver(tmp_path, "ray-first", *args)
@@ -144,6 +179,7 @@ def test_killed_driver_rerun_attaches_and_trains_every_run_once(ray_head, tmp_pa
     assert len(submitted) == 6
     in_flight = live_actors(ray_head, list(submitted.values()))
     assert 1 <= len(in_flight) <= 5, in_flight  # the collected run's actor is gone, the others live on
+    victim = kill_an_actor_mid_run(runs)
     second = Driver(tmp_path, "ray-second", *args)
     try:
         assert second.wait() == 0, second.stderr()
@@ -153,7 +189,13 @@ def test_killed_driver_rerun_attaches_and_trains_every_run_once(ray_head, tmp_pa
     assert re.search(r"smoke: \d+ ok; [1-5] already done", second.stderr()), second.stderr()
     table = runs_table(db)
     assert_all_ok(table, runs)
-    for run_id in table:  # no run trained twice, nor resumed: each actor's worker trained it once, to the end
+    for run_id in table:  # no run trained twice: each actor's worker trained it once, to the end
         text = log(runs, run_id)
-        assert len(STARTED.findall(text)) == 1 and not RESUMED.search(text), f"{run_id}:\n{text}"
+        assert len(STARTED.findall(text)) == 1, f"{run_id}:\n{text}"
+        if run_id != victim:
+            assert not RESUMED.search(text), f"{run_id}:\n{text}"
+    # the victim's worker stopped with its actor (at a checkpoint of its own, or killed after a periodic one)
+    text = log(runs, victim)
+    [step] = RESUMED.findall(text)
+    assert f"checkpointed at step {step} on SIGTERM" in text or int(step) % 20 == 0, text
     assert live_actors(ray_head, list(submitted.values())) == []

@@ -49,7 +49,9 @@ class RunActor:
     """A run's actor. Its constructor starts the worker process and a thread that, once the worker has ended,
     writes the outcome to ``outcome_file`` (in the shared ``_ray`` folder; written once, atomically), so that a
     driver can read it even after this actor is gone. A restarted actor whose run already has an outcome starts
-    nothing. ``wait`` returns the outcome when there is one; ``stop`` ends the worker."""
+    nothing, and neither does one that the driver cancelled before Ray could start it (``cancel_file``).
+    ``wait`` returns the outcome when there is one; ``stop`` ends the worker. If the actor dies, so does its worker
+    (it stops itself, ``process.stop_when_orphaned``)."""
 
     def __init__(self, task_pickle: bytes, task: Task, threads: int, env: dict[str, str], cwd: str,
                  outcome_file: str) -> None:
@@ -57,7 +59,7 @@ class RunActor:
         self.outcome_file = Path(outcome_file)
         self.cancelled = False
         self.ended = threading.Event()  # calls run in threads of their own (a threaded actor)
-        if self.outcome_file.exists():
+        if self.outcome_file.exists() or cancel_file(self.outcome_file).exists():
             self.ended.set()
             return
         self.tmp = Path(tempfile.mkdtemp(prefix="scaling-ray-"))
@@ -79,13 +81,18 @@ class RunActor:
         return read_outcome(self.outcome_file) if self.ended.wait(timeout_s) else None
 
     def stop(self, grace_s: float) -> Outcome | None:
-        """SIGTERM to the worker (the trainer checkpoints where it is), SIGKILL after ``grace_s``; the outcome."""
+        """SIGTERM to the worker (the trainer checkpoints where it is), SIGKILL after ``grace_s``; its outcome."""
         if not self.ended.is_set():
             self.cancelled = True
             signal_worker(self.process, signal.SIGTERM)
             if not self.ended.wait(grace_s):
                 signal_worker(self.process, signal.SIGKILL)
-        return self.wait(grace_s)
+                self.ended.wait(grace_s)
+        return read_outcome(self.outcome_file)
+
+
+def cancel_file(outcome_file: Path) -> Path:
+    return outcome_file.with_suffix(".cancel")
 
 
 def write_outcome(path: Path, outcome: Outcome) -> None:
@@ -175,8 +182,10 @@ class RayExecutor:
 
     A driver collecting an outcome kills its actor and removes the file. Actors that finished while no driver
     was there (their runs may be ingested from their run files and never attached) are killed when an executor
-    starts or shuts down. ``shutdown(cancel=True)`` stops the workers (SIGTERM, then SIGKILL after ``grace_s``)
-    and kills their actors; ``cancel=False`` leaves running ones running, for a later driver to attach to."""
+    starts or shuts down.
+    ``shutdown(cancel=True)`` stops the workers (SIGTERM: the trainer checkpoints where it is; SIGKILL after
+    ``grace_s``) and kills their actors; ``cancel=False`` leaves running ones running, for a later driver to attach
+    to."""
 
     def __init__(self, folder: str | os.PathLike, address: str | None = None, cpus_per_task: int | None = None,
                  gpus_per_task: float | None = None, mem_gb: float | None = None, fn: TaskFn = execute,
@@ -274,14 +283,15 @@ class RayExecutor:
             self._reap()
             return
         running = [h for h in self._handles if h._outcome is None]
+        for handle in running:  # an actor Ray has not started yet will start no worker
+            cancel_file(handle.outcome_file).touch()
+        # stop the workers before their actors are killed: Ray kills a dead actor's children at once (no checkpoint)
         calls = [h.actor.stop.remote(self.grace_s) for h in running]
-        ready, _ = ray.wait(calls, num_returns=len(calls), timeout=2 * self.grace_s + 10) if calls else ([], [])
-        for handle, call in zip(running, calls, strict=True):
-            try:
-                outcome = (ray.get(call) if call in ready else None) or (None, "cancelled: its worker did not stop")
-            except ray.exceptions.RayError as exc:
-                outcome = None, f"cancelled: {type(exc).__name__}"
-            handle.finish(outcome)
+        if calls:
+            ray.wait(calls, num_returns=len(calls), timeout=self.grace_s + 5)
+        for handle in running:
+            handle.finish(read_outcome(handle.outcome_file) or (None, "cancelled: stopped by shutdown"))
+            cancel_file(handle.outcome_file).unlink(missing_ok=True)
 
     def outcome_file(self, name: str) -> Path:
         return self.folder / f"{name}.outcome"
