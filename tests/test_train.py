@@ -16,6 +16,8 @@ from scaling import train
 from scaling.config import ModelConfig, RunSpec, TrainConfig
 from scaling.flops import param_counts
 from scaling.model import Transformer
+from scaling.router import RouterStats
+from scaling.runfiles import ROUTER_FIELDS, ROUTER_STATS
 from scaling.train import clip_grad_norm, eval_steps, execute, lr_at, train_run
 
 STEPS, BATCH, CONTEXT = 40, 16, 32
@@ -45,6 +47,7 @@ VARIANTS = {
     "moe": dict(n_experts=4, top_k=2),
     "noisy_moe": dict(n_experts=4, router_noise=True),
     "capacity_moe": dict(n_experts=4, capacity_factor=1.0),
+    "sigmoid_router": dict(n_experts=4, top_k=2, router="sigmoid-topk"),
     "shared_weights": dict(n_experts=4, share_weights=True, n_layers=3, positional="rotary"),
 }
 
@@ -88,6 +91,8 @@ def test_learns_and_writes_run_files(name, tmp_path):
         return
     assert all(m["aux_loss"] > 0 and m["z_loss"] > 0 for m in metrics)
     assert len(router) == len(checkpoints) * spec.model.n_moe_layers * spec.model.n_experts
+    assert all(r.keys() == {"step", "layer", "expert", *ROUTER_FIELDS} for r in router)  # the store's columns
+    assert RouterStats._fields == ROUTER_STATS
     for step in checkpoints:
         for layer in range(spec.model.n_moe_layers):
             rows = [r for r in router if r["step"] == step and r["layer"] == layer]
@@ -127,6 +132,29 @@ def test_resume_equals_uninterrupted(tmp_path, stop):
     assert a["router"] == b["router"]
     np.testing.assert_allclose(za["losses"], zb["losses"], atol=1e-6)
     assert "resuming at step" in (tmp_path / "resumed" / "log.txt").read_text()
+
+
+def test_a_checkpoint_written_before_routers_were_modules_resumes(tmp_path):
+    """Its parameters under their old names (``ffn.router.weight``, ``ffn.noise.weight``) and its router sums as
+    one row per layer, [load_0..load_E-1, entropy, dropped_frac]: the run ends as an uninterrupted one."""
+    spec = make_spec(steps=30, n_experts=4, router_noise=True, capacity_factor=1.5)
+    train_run(spec, tmp_path / "full")
+    train_run(spec, tmp_path / "resumed", stop_after_steps=17)
+    path = tmp_path / "resumed" / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    state["model"] = {k.replace("router.gate.", "router.").replace("router.noise.", "noise."): v
+                      for k, v in state["model"].items()}
+    sums = state["record"]["router_sums"]
+    state["record"]["router_sums"] = [[*load, entropy, dropped] for load, entropy, dropped in
+                                      zip(sums["load"], sums["entropy"], sums["dropped_frac"], strict=True)]
+    torch.save(state, path)
+    (tmp_path / "resumed" / "checkpoint.prev.pt").unlink(missing_ok=True)
+    assert train_run(spec, tmp_path / "resumed")["status"] == "ok"
+    (a, _), (b, _) = files(tmp_path / "full"), files(tmp_path / "resumed")
+    assert [{k: v for k, v in m.items() if k != "wall_s"} for m in a["metrics"]] == [
+        {k: v for k, v in m.items() if k != "wall_s"} for m in b["metrics"]]
+    assert a["router"] == b["router"]
+    assert "resuming at step 17" in (tmp_path / "resumed" / "log.txt").read_text()
 
 
 def test_planted_nan_marks_diverged(tmp_path, monkeypatch):
