@@ -4,7 +4,8 @@ A router maps the tokens of one MoE layer [n, d] to a ``Routing``: the kept (tok
 (``token``, ``gate``, ``counts``: what the grouped experts of ``scaling.model`` consume), the load-balancing and
 z losses, and ``RouterStats`` by name. It never runs an expert. As in torchtitan's MoE, scoring and selection
 (the router), the token reordering (``reorder``: sort by expert, drop beyond capacity) and the grouped experts are
-separate pieces; a token-choice router scores, picks its top k and calls ``reorder``.
+separate pieces; a token-choice router scores, picks its top k (``top_k``) and hands them to
+``Router.token_choice``, which reorders them and adds the losses and statistics.
 
 Adding a router: a ``Router`` subclass here and its name in ``config.ROUTERS`` (the model's ``router`` value).
 Its parameters must be those ``flops.router_params`` counts (``tests/test_model.py`` checks every router).
