@@ -1,5 +1,6 @@
 """The training loop on the real shakespeare corpus: learning, run files, determinism, resume, divergence."""
 
+import dataclasses
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import cli_in_process
 
 from scaling import train
 from scaling.config import ModelConfig, RunSpec, TrainConfig
@@ -18,6 +20,7 @@ from scaling.flops import param_counts
 from scaling.model import Transformer
 from scaling.router import RouterStats
 from scaling.runfiles import ROUTER_FIELDS, ROUTER_STATS
+from scaling.store import connect
 from scaling.train import clip_grad_norm, eval_steps, execute, lr_at, train_run
 
 STEPS, BATCH, CONTEXT = 40, 16, 32
@@ -319,3 +322,31 @@ def test_a_checkpoint_without_a_thread_count_is_not_resumed(tmp_path):
     text = (tmp_path / "old" / "log.txt").read_text()
     assert "checkpoint.pt does not load (ValueError: it was written before checkpoints recorded" in text
     assert "resuming at step" not in text
+
+
+@pytest.mark.slow
+def test_a_sigmoid_routed_sweep_end_to_end(tmp_path, monkeypatch, capsys):
+    """``[model] router = "sigmoid-topk"`` through ``scaling run`` (plan, train, ingest): its router statistics
+    reach the store by name, and its runs are not the softmax-routed ones."""
+    sweep = tmp_path / "sigmoid.toml"
+    sweep.write_text('name = "sigmoid"\nbudgets = [3e9]\nunique_tokens = 200_000\ncontext = 32\nmin_steps = 20\n'
+                     '[sparsity]\nexperts = [4]\ntop_k = 2\n[sizes]\ncount = 1\n[shape]\nhead_dim = 8\n'
+                     'min_d_model = 16\n[model]\nrouter = "sigmoid-topk"\n'
+                     '[train]\nbatch_size = 16\neval_tokens = 2048\ntoken_loss_tokens = 512\n')
+    db = tmp_path / "store.duckdb"
+    done = cli_in_process(monkeypatch, capsys, "run", str(sweep), "--db", str(db), "--runs-dir",
+                          str(tmp_path / "runs"))
+    assert done.returncode == 0, done.stderr
+    con = connect(db, read_only=True)
+    try:
+        (run_id, spec), = con.execute("SELECT run_id, spec FROM runs WHERE status = 'ok'").fetchall()
+        stats = con.execute(f"SELECT layer, expert, {', '.join(ROUTER_STATS)} FROM router_stats "
+                            "WHERE step = (SELECT max(step) FROM router_stats)").df()
+    finally:
+        con.close()
+    spec = RunSpec.from_dict(json.loads(spec))
+    assert spec.model.router == "sigmoid-topk" and spec.run_id == run_id
+    assert run_id != dataclasses.replace(spec, model=dataclasses.replace(spec.model, router="softmax-topk")).run_id
+    assert len(stats) == spec.model.n_moe_layers * 4
+    assert np.allclose(stats.groupby("layer").load.sum(), 1.0)
+    assert ((stats.entropy > 0) & (stats.entropy <= math.log(4) + 1e-6)).all() and (stats.dropped_frac == 0).all()
