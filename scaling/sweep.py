@@ -43,6 +43,8 @@ def execute_sweep(sweep: SweepConfig, db: str | None, runs_dir: Path, executor: 
         with Reporter(sweep.name, runs_dir) as reporter:
             runner = backend.make(runs_dir, execute_locked, settings)
             outcome = run_sweep(con, sweep, runner, runs_dir, retries=retries, on_update=reporter.update)
+            if not outcome.interrupted:  # (an interrupted sweep has cancelled its executor)
+                runner.shutdown(cancel=False)  # nothing is in flight: lets a backend tidy up (ray: idle actors)
         elapsed = duration(time.monotonic() - started)
         if outcome.interrupted:
             err(f"interrupted: finished runs are stored; rerun `scaling run {sweep.path or sweep.name}` with the same "

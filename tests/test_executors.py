@@ -141,3 +141,35 @@ def test_closures_run_and_unpicklable_functions_fail_at_submit(tmp_path):
         executor.submit(tasks(tmp_path, {"name": "unpicklable"}))
     executor.shutdown(cancel=True)
 
+
+
+def test_a_worker_whose_parent_dies_stops_itself(tmp_path):
+    """A worker started with ``SCALING_WORKER_PARENT`` (as the Ray backend starts one under each run's actor) gets
+    SIGTERM once that parent is gone: no run trains on unseen while a restarted actor starts it again."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import os, sys
+        from pathlib import Path
+        from scaling.executors import Task
+        from scaling.executors.process import PARENT_VAR, pickle_task, start_worker
+
+        task = Task("orphan", {}, sys.argv[1])
+        payload = Path(sys.argv[1]) / "task.pkl"
+        payload.parent.mkdir(parents=True)
+        payload.write_bytes(pickle_task(lambda spec, run_dir: __import__("time").sleep(60), task))
+        worker = start_worker(payload, task, 1, env={**os.environ, PARENT_VAR: str(os.getpid())})
+        print(worker.pid, flush=True)
+        os._exit(0)  # the parent dies; the worker lives on in its own session until it notices
+    """
+    parent = subprocess.run([sys.executable, "-c", code, str(tmp_path / "orphan")], capture_output=True, text=True,
+                            timeout=60)
+    assert parent.returncode == 0, parent.stderr
+    worker = int(parent.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if alive(worker):
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the orphaned worker did not stop")
