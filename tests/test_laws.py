@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from conftest import cli_in_process
 
-from scaling import laws
+from scaling import laws, solve
 from scaling.bootstrap import percentile_intervals, resample_weights
 from scaling.laws import (
     Chinchilla,
@@ -22,15 +22,13 @@ from scaling.laws import (
     Envelope,
     FitError,
     IsoFLOP,
-    LinearLogSumObjective,
-    LinearTerms,
-    LogSumObjective,
     Sparsity,
     budget_groups,
     chinchilla_optimum,
     fit_law,
 )
 from scaling.optimize import BatchResult, Prune, lbfgs, newton
+from scaling.solve import LinearLogSumObjective, LinearTerms, LogSumObjective
 
 PUBLISHED = Path(__file__).resolve().parent.parent / "data" / "published"
 BUDGETS = (1e17, 1e18, 1e19, 1e20, 1e21)
@@ -669,13 +667,13 @@ def test_cli_fit_csv_where_selects_rows(monkeypatch, capsys):
 
 def test_non_converged_fit_is_a_fit_error(monkeypatch):
     frame = chinchilla_sweep(CHINCHILLA, np.random.default_rng(0))
-    real = laws.newton
+    real = solve.newton
 
     def stuck(fun, x0, **kwargs):
         res = real(fun, x0, **{**kwargs, "max_iter": 1})
         return BatchResult(res.x, res.fun, res.grad, res.n_iter, np.zeros(len(x0), bool), res.pruned)
 
-    monkeypatch.setattr(laws, "newton", stuck)
+    monkeypatch.setattr(solve, "newton", stuck)
     with pytest.raises(FitError, match="Chinchilla fit did not converge"):
         Chinchilla().fit(frame)
 
