@@ -19,6 +19,7 @@ did.
 
 from __future__ import annotations
 
+import abc
 import copy
 import itertools
 import math
@@ -109,19 +110,88 @@ def _effective(log_unique: np.ndarray, repeats: np.ndarray, log_r_star: np.ndarr
 # ---------------------------------------------------------------------------------------- base classes
 
 
-class Law:
-    """Shared attributes and the bootstrap over runs; subclasses add ``fit``, ``predict`` and ``optimum``."""
+class Law(abc.ABC):
+    """A scaling law: ``fit(frame)`` returns the law fitted, ``predict(frame)`` its loss per row (a FitError before
+    ``fit``), ``optimum(C, **limits)`` the compute-optimal answer at budget C. The class attributes say what the
+    command (``--law`` choices, ``--freeze``, ``--sparsity``), the fitting front end and the report need to know,
+    so that a new law is one subclass plus one line in ``LAWS``.
+    """
 
     name: ClassVar[str]
+    """The law's name in messages (``LAWS`` holds the command's name for it)."""
+    title: ClassVar[str]
+    """What the report calls it (the paper it follows)."""
+    uses_sparsity: ClassVar[bool] = False
+    """Whether the law models sparsity; if not it fits one sparsity level at a time (dense and MoE runs are
+    different populations), and the report fits it per level."""
     uses_unique_tokens: ClassVar[bool] = False
+    """Whether the law models the unique-token limit U; if not, the report fits it on the sweep's plenty runs."""
+    freezable: ClassVar[tuple[str, ...]] = ()
+    """The parameters ``--freeze NAME=VALUE`` can hold (``freeze_options`` maps them to constructor options)."""
+    limits: ClassVar[tuple[str, ...]] = ()
+    """The keyword limits ``optimum`` takes besides C (e.g. U, the unique-token limit)."""
+    optimum_returns: ClassVar[tuple[str, ...]] = ()
+    """The keys of ``optimum``'s answer ({S} stands for a sparsity label, e.g. loss_S0.5)."""
+    report_runs: ClassVar[str | None] = "default"
+    """Which runs the report fits it on: "default" (each sparsity level, or all runs for a law of sparsity),
+    "dense" (the dense runs), or None (not in the report)."""
 
     def __init__(self, *, bootstrap: int = 0, seed: int = 0, level: float = 0.95):
         self.bootstrap, self.seed, self.level = int(bootstrap), seed, level
         self._reset()
 
+    @abc.abstractmethod
+    def fit(self, frame: pd.DataFrame) -> Law:
+        """Fit the law to the runs (one per row) and return it."""
+
+    @abc.abstractmethod
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        """Predicted loss per row (call ``self._check_fitted()`` first)."""
+
+    def optimum(self, C: float, *, params: dict[str, float] | None = None, **limits: Any) -> dict[str, float]:
+        """The compute-optimal answer at budget C (keys: ``optimum_returns``) under the fitted parameters, or
+        under ``params`` (a saved fit's, a bootstrap resample's), within ``limits`` (names: ``limits``)."""
+        unknown = sorted(set(limits) - set(self.limits))
+        if unknown:
+            takes = f"it takes {', '.join(self.limits)}" if self.limits else "it takes none"
+            raise FitError(f"{self.name}'s optimum has no limit {', '.join(unknown)} ({takes})")
+        if params is None:
+            self._check_fitted()
+        return self._optimum(C, self.params_ if params is None else params, **limits)
+
+    @abc.abstractmethod
+    def _optimum(self, C: float, params: dict[str, float], **limits: Any) -> dict[str, float]:
+        """``optimum`` under ``params``, the limits checked."""
+
+    @classmethod
+    def freeze_options(cls, values: dict[str, float]) -> dict[str, Any]:
+        """``--freeze NAME=VALUE`` pairs as constructor options (a FitError naming a parameter it cannot hold)."""
+        if not values:
+            return {}
+        if not cls.freezable:
+            raise FitError(f"the {cls.name} law has no parameters to freeze")
+        unknown = sorted(set(values) - set(cls.freezable))
+        if unknown:
+            raise FitError(f"{cls.name} has no parameter(s) {', '.join(unknown)} to freeze; it can freeze "
+                           f"{', '.join(cls.freezable)}")
+        return {"frozen": dict(values)}
+
+    @classmethod
+    def reported(cls, points: pd.DataFrame) -> bool:
+        """Whether the report fits this law to a sweep's points (e.g. only when some run repeats data)."""
+        return cls.report_runs is not None
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """Per-row results beside the parameters (e.g. isoFLOP vertices), named; ``summarize`` adds them."""
+        return {}
+
     def optimum_notes(self, ci: dict[str, tuple[float, float]]) -> list[str]:
         """What a reader must know about the intervals of the optimum (``summarize`` adds them to the notes)."""
         return []
+
+    def _check_fitted(self) -> None:
+        if not self.params_:
+            raise FitError(f"{self.name} is not fitted yet: call fit first")
 
     def _reset(self) -> None:
         """Forget a previous fit (called first by every ``fit``)."""
@@ -156,15 +226,23 @@ class Law:
                            f"({len(self.bootstrap_)} resamples)")
 
 
-class _Parametric(Law):
-    """A law of the form log L̂ = LSE(terms), fitted by the batched multi-start L-BFGS.
+class ParametricLaw(Law):
+    """A law of the form log L̂ = LSE(terms), fitted from a grid of starts by ``scaling.solve``.
 
-    ``spec``: (internal name, public name, internal = log(public)) per parameter. ``frozen`` (public names)
-    fixes parameters; ``grid`` (internal names → values) overrides the law's start grid.
+    A subclass declares ``spec``: (internal name, public name, internal = log(public)) per parameter, its
+    ``default_grid`` of starts (internal names) and its ``floor``, and defines ``_data(frame, with_loss)`` (the
+    columns it reads, with ``n`` and, with the loss, ``y`` = log L), ``_terms(data)`` and ``_optimum``.
+    ``frozen`` (public names) fixes parameters; ``grid`` (internal names → values) overrides the start grid.
     """
 
     spec: ClassVar[tuple[tuple[str, str, bool], ...]]
     default_grid: ClassVar[dict[str, Sequence[float]]]
+    floor: ClassVar[str]
+    """The parameter that is the irreducible loss (what an extrapolation check measures errors against)."""
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        cls.freezable = tuple(p for _, p, _ in cls.spec)
 
     def __init__(self, *, frozen: dict[str, float] | None = None,
                  grid: dict[str, Sequence[float]] | None = None, huber_delta: float = HUBER_DELTA,
@@ -179,7 +257,7 @@ class _Parametric(Law):
         self.huber_delta = huber_delta
         self._theta: np.ndarray | None = None
 
-    def fit(self, frame: pd.DataFrame) -> _Parametric:
+    def fit(self, frame: pd.DataFrame) -> ParametricLaw:
         """Best of the start grid (polished), then bootstrap refits warm-started from its distinct basins."""
         self._reset()
         data = self._data(frame, with_loss=True)
@@ -201,8 +279,7 @@ class _Parametric(Law):
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
         """Predicted loss per row."""
-        if self._theta is None:
-            raise FitError(f"{self.name} is not fitted yet")
+        self._check_fitted()
         return self._predict(self._theta, self._data(frame, with_loss=False))
 
     def predict_with(self, frame: pd.DataFrame, params: dict[str, float]) -> np.ndarray:
@@ -211,6 +288,18 @@ class _Parametric(Law):
         return self._predict(self._internal(params), self._data(frame, with_loss=False))
 
     # names and transforms
+    def _position(self, names: Sequence[str]) -> np.ndarray:
+        """Where the parameters ``names`` (public) sit in θ, in θ's order."""
+        return np.flatnonzero([p in names for _, p, _ in self.spec])
+
+    def _named(self, theta: np.ndarray) -> dict[str, np.ndarray]:
+        """The columns of a batch θ (b, p) by internal name, each (b, 1)."""
+        return {n: theta[:, j:j + 1] for j, (n, _, _) in enumerate(self.spec)}
+
+    def _by_parameter(self, jac: dict[str, list[tuple[int, Any]]]) -> list[list[tuple[int, Any]]]:
+        """Derivative pairs given by internal name, in θ's order (``Terms``' layout)."""
+        return [jac.get(n, []) for n, _, _ in self.spec]
+
     def _internal(self, public: dict[str, float]) -> np.ndarray:
         with np.errstate(divide="ignore"):  # a coefficient that underflowed to 0: a term of −inf, no term
             return np.array([np.log(public[p]) if is_log else public[p] for _, p, is_log in self.spec], float)
@@ -316,6 +405,11 @@ def _chinchilla_terms(log_n: np.ndarray, log_d: np.ndarray) -> LinearTerms:
     return LinearTerms(5, [(0.0, {0: 1.0, 3: -log_n}), (0.0, {1: 1.0, 4: -log_d}), (0.0, {2: 1.0})], len(log_n))
 
 
+def repeats_data(points: pd.DataFrame) -> bool:
+    """Whether some run saw its unique tokens more than once (epochs > 1)."""
+    return bool((points["epochs"] > 1).any()) if "epochs" in points else False
+
+
 def chinchilla_optimum(params: dict[str, float], C: float) -> dict[str, float]:
     """Hoffmann et al.'s (2022) closed form with C = 6ND: G = (αA/(βB))^(1/(α+β)),
     N_opt = G·(C/6)^(β/(α+β)), D_opt = (C/6)^(α/(α+β))/G, and the law's loss there."""
@@ -326,7 +420,7 @@ def chinchilla_optimum(params: dict[str, float], C: float) -> dict[str, float]:
     return {"C": float(C), "N_opt": n_opt, "D_opt": d_opt, "loss": E + A / n_opt**alpha + B / d_opt**beta}
 
 
-class Chinchilla(_Parametric):
+class Chinchilla(ParametricLaw):
     """Chinchilla approach 3 (Hoffmann et al. 2022): L = E + A/N^α + B/D^β, fitted as Epoch AI (Besiroglu et
     al. 2024) refit it: LSE form, summed Huber (δ = 1e-3) of log residuals, best of the 4,500-start grid.
 
@@ -335,6 +429,10 @@ class Chinchilla(_Parametric):
     """
 
     name = "Chinchilla"
+    title = "Chinchilla approach 3"
+    optimum_returns = ("C", "N_opt", "D_opt", "loss")
+    report_runs = "dense"
+    floor = "E"
     spec = (("a", "A", True), ("b", "B", True), ("e", "E", True), ("alpha", "alpha", False),
             ("beta", "beta", False))
     default_grid = HOFFMANN_GRID
@@ -343,9 +441,14 @@ class Chinchilla(_Parametric):
         super().__init__(**options)
         self.n_col = n_col
 
-    def optimum(self, C: float, params: dict[str, float] | None = None) -> dict[str, float]:
+    @classmethod
+    def reported(cls, points: pd.DataFrame) -> bool:
+        """On dense runs that never repeat data (else the report fits ``DataConstrained``)."""
+        return not repeats_data(points[points["sparsity"] == 0])
+
+    def _optimum(self, C: float, params: dict[str, float], **limits: Any) -> dict[str, float]:
         """Compute-optimal N, D (C = 6ND) and the loss there."""
-        return chinchilla_optimum(params or self.params_, C)
+        return chinchilla_optimum(params, C)
 
     def _derived(self, params: dict[str, float]) -> dict[str, float]:
         total = params["alpha"] + params["beta"]
@@ -373,7 +476,7 @@ class Chinchilla(_Parametric):
 # ---------------------------------------------------------------------------------------- data-constrained
 
 
-class DataConstrained(_Parametric):
+class DataConstrained(ParametricLaw):
     """Data-constrained scaling (Muennighoff et al. 2023): with U_D = min(U, D) unique tokens and
     R_D = D/U_D − 1 repetitions, D′ = U_D + U_D·R_D*·(1 − exp(−R_D/R_D*)); U_N = min(N, N_opt(U_D)), the
     compute-optimal N for D = U_D tokens under the base law, R_N = max(N/U_N − 1, 0),
@@ -390,7 +493,12 @@ class DataConstrained(_Parametric):
     """
 
     name = "DataConstrained"
+    title = "data-constrained (Muennighoff et al. 2023)"
     uses_unique_tokens = True
+    limits = ("U",)
+    optimum_returns = ("C", "U", "N_opt", "D_opt", "epochs", "loss")
+    report_runs = "dense"
+    floor = "E"
     spec = Chinchilla.spec + (("log_R_D_star", "R_D_star", True), ("log_R_N_star", "R_N_star", True))
     default_grid = {**HOFFMANN_GRID, "log_R_D_star": np.log(R_STAR_GRID), "log_R_N_star": np.log(R_STAR_GRID)}
     base = ("E", "A", "B", "alpha", "beta")
@@ -433,11 +541,14 @@ class DataConstrained(_Parametric):
                                        f"{lo:.3g}–{hi:.3g}{bound}")
         return self
 
-    def optimum(self, C: float, U: float | None = None,
-                params: dict[str, float] | None = None) -> dict[str, float]:
+    @classmethod
+    def reported(cls, points: pd.DataFrame) -> bool:
+        """On dense runs of which some repeat data."""
+        return repeats_data(points[points["sparsity"] == 0])
+
+    def _optimum(self, C: float, params: dict[str, float], U: float | None = None) -> dict[str, float]:
         """Compute-optimal N, D at budget C (C = 6ND) with U unique tokens (None: the base law's closed form),
         the epochs D/U and the loss."""
-        params = params or self.params_
         if U is None:
             return chinchilla_optimum(params, C)
         theta = self._internal(params)
@@ -474,26 +585,34 @@ class DataConstrained(_Parametric):
         point = weights is None
         w = np.ones((1, data["n"])) if point else weights
         mode = {"polish": point, "precise": not point}
-        chinchilla = _chinchilla_terms(data["log_n"], data["log_d"])
+        chinchilla = _chinchilla_terms(data["log_n"], data["log_d"])  # θ's base columns, in Chinchilla's order
+        base, stars_at = self._position(self.base), self._position(self.stars)
+
+        def joined(base_x: np.ndarray, star_x: np.ndarray) -> np.ndarray:
+            """θ from its base and R* columns (broadcast over leading axes)."""
+            shape = np.broadcast_shapes(base_x.shape[:-1], star_x.shape[:-1])
+            out = np.empty((*shape, len(self.spec)))
+            out[..., base], out[..., stars_at] = base_x, star_x
+            return out
+
         if two_stage:
             first = solve(chinchilla, data["y"],
-                          self._grid_starts(self.base)[:, :5] if point else np.unique(warm[:, :5], axis=0),
-                          self._free(self.base)[:5], weights=w * data["single"], delta=self.huber_delta,
+                          self._grid_starts(self.base)[:, base] if point else np.unique(warm[:, base], axis=0),
+                          self._free(self.base)[base], weights=w * data["single"], delta=self.huber_delta,
                           **mode)
-            stars = self._grid_starts(self.stars)[:, 5:] if point else np.unique(warm[:, 5:], axis=0)
-            starts = np.concatenate([np.broadcast_to(first.x[:, None, :], (len(w), len(stars), 5)),
-                                     np.broadcast_to(stars, (len(w), *stars.shape))], axis=2)
+            stars = self._grid_starts(self.stars)[:, stars_at] if point else np.unique(warm[:, stars_at], axis=0)
+            starts = joined(first.x[:, None, :], np.broadcast_to(stars, (len(w), *stars.shape)))
             sol = solve(self._terms(data), data["y"], starts, self._free(self.stars), weights=w,
                         delta=self.huber_delta, **mode)
             k = max(len(first.candidates), len(sol.candidates))  # warm starts of both stages, row-aligned
             pick = lambda c: c[np.minimum(np.arange(k), len(c) - 1)]  # noqa: E731
-            warm = np.hstack([pick(first.candidates), pick(sol.candidates)[:, 5:]])
+            warm = joined(pick(first.candidates), pick(sol.candidates)[:, stars_at])
             return Solution(sol.x, sol.fun, sol.converged & first.converged, warm)
         if point and any(p not in self.frozen for p in self.base):  # the base law's basins x the R* grid
-            chin = solve(chinchilla, data["y"], self._grid_starts(self.base)[:, :5],
-                         self._free(self.base)[:5], delta=self.huber_delta, polish=True)
-            stars = self._grid_starts(self.stars)[:, 5:]
-            warm = np.array([np.r_[b, s] for b in chin.candidates for s in stars])
+            chin = solve(chinchilla, data["y"], self._grid_starts(self.base)[:, base],
+                         self._free(self.base)[base], delta=self.huber_delta, polish=True)
+            stars = self._grid_starts(self.stars)[:, stars_at]
+            warm = np.array([joined(b, s) for b in chin.candidates for s in stars])
         elif point:
             warm = self._grid_starts()
         return solve(self._terms(data), data["y"], warm, self._free(), weights=None if point else w,
@@ -504,17 +623,18 @@ class DataConstrained(_Parametric):
         clipped = self._clip_log_stars(theta[None].copy())[0]
         if np.array_equal(clipped, theta):
             return theta
-        at_bound = [s for s, v, c in zip(self.stars, theta[5:], clipped[5:], strict=True) if v != c]
+        at_bound = [self.spec[j][1] for j in self._position(self.stars) if theta[j] != clipped[j]]
         free = self._free() & ~np.isin([p for _, p, _ in self.spec], at_bound)
         if two_stage:
-            free[:5] = False
+            free[self._position(self.base)] = False
         sol = solve(self._terms(data), data["y"], clipped[None], free, delta=self.huber_delta, precise=True)
         self.notes_.append(f"{', '.join(at_bound)} at the search bound {self.r_bounds}: the objective keeps "
                            "falling beyond it")
         return sol.x[0]
 
     def _clip_log_stars(self, thetas: np.ndarray) -> np.ndarray:
-        thetas[:, 5:] = np.clip(thetas[:, 5:], *np.log(self.r_bounds))
+        stars_at = self._position(self.stars)
+        thetas[:, stars_at] = np.clip(thetas[:, stars_at], *np.log(self.r_bounds))
         return thetas
 
     def _objective(self, data: dict, theta: np.ndarray) -> float:
@@ -523,7 +643,8 @@ class DataConstrained(_Parametric):
             return float(objective(theta[None], np.zeros(1, int))[0][0])
 
     def _check_base_runs(self, data: dict, theta: np.ndarray) -> None:
-        a, b, _, alpha, beta = theta[:5]
+        p = {n: float(v[0, 0]) for n, v in self._named(theta[None]).items()}
+        a, b, alpha, beta = p["a"], p["b"], p["alpha"], p["beta"]
         log_n_opt = (math.log(alpha / beta) + a - b) / alpha + beta / alpha * data["log_u"]
         over = int((data["single"] & (data["log_n"] > log_n_opt)).sum())
         if over:
@@ -543,16 +664,17 @@ class DataConstrained(_Parametric):
 
         limit = self.objective_ + stats.chi2.ppf(self.level, 1) / 2 * scale
         offsets = np.array([0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2, 3, 4.5, 6.5, 9.5, 14])
-        for j, star in ((5, "R_D_star"), (6, "R_N_star")):
+        for star in self.stars:
             if star in self.frozen:
                 continue
+            j = int(self._position([star])[0])
             grid = np.unique(np.clip(theta[j] + np.r_[-offsets, 0, offsets], *np.log(self.r_bounds)))
             starts = np.repeat(theta[None], len(grid), axis=0)
             starts[:, j] = grid
             free = self._free()
             free[j] = False
             if two_stage:
-                free[:5] = False
+                free[self._position(self.base)] = False
             prof = solve(self._terms(data), data["y"], starts[:, None, :], free,
                          weights=np.ones((len(grid), data["n"])), delta=self.huber_delta, precise=True)
             values = np.where(np.isfinite(prof.fun), prof.fun, np.inf)
@@ -578,24 +700,25 @@ class DataConstrained(_Parametric):
         log_n, log_u, repeats = data["log_n"], data["log_u"], data["repeats"]
 
         def terms(theta: np.ndarray):
-            a, b, e, alpha, beta = (theta[:, i:i + 1] for i in range(5))
-            log_d_eff, dd_star, _ = _effective(log_u, repeats, theta[:, 5])
+            p = self._named(theta)
+            a, b, e, alpha, beta = p["a"], p["b"], p["e"], p["alpha"], p["beta"]
+            log_d_eff, dd_star, _ = _effective(log_u, repeats, p["log_R_D_star"][:, 0])
             # U_N = min(N, N_opt(U_D)), Chinchilla's closed form solved for the N whose D_opt is U:
             # log N_opt(U) = (log α − log β + a − b)/α + (β/α)·log U
             gap = np.log(alpha) - np.log(beta) + a - b
             log_n_opt = gap / alpha + beta / alpha * log_u
             binding = log_n_opt < log_n
             log_un = np.minimum(log_n_opt, log_n)  # NaN (a rejected step) unless α, β > 0
-            log_n_eff, dn_star, dn_repeat = _effective(log_un, np.exp(log_n - log_un) - 1, theta[:, 6])
+            log_n_eff, dn_star, dn_repeat = _effective(log_un, np.exp(log_n - log_un) - 1, p["log_R_N_star"][:, 0])
             # ∂log N′/∂log U_N where U_N binds (R_N = N/U_N − 1 moves with it), times ∂log N_opt/∂(a, b, α, β)
             dn_un = np.where(binding, 1 - dn_repeat * np.exp(log_n - log_un), 0.0)
             d_opt = {"a": 1 / alpha, "b": -1 / alpha, "alpha": (1 - gap - beta * log_u) / alpha**2,
                      "beta": (log_u - 1 / beta) / alpha}
             via = {k: -alpha * dn_un * v for k, v in d_opt.items()}  # ∂t_N through U_N
-            return ([a - alpha * log_n_eff, b - beta * log_d_eff, e],
-                    [[(0, 1.0), (0, via["a"])], [(1, 1.0), (0, via["b"])], [(2, 1.0)],
-                     [(0, -log_n_eff), (0, via["alpha"])], [(1, -log_d_eff), (0, via["beta"])],
-                     [(1, -beta * dd_star)], [(0, -alpha * dn_star)]])
+            return ([a - alpha * log_n_eff, b - beta * log_d_eff, e], self._by_parameter({
+                "a": [(0, 1.0), (0, via["a"])], "b": [(1, 1.0), (0, via["b"])], "e": [(2, 1.0)],
+                "alpha": [(0, -log_n_eff), (0, via["alpha"])], "beta": [(1, -log_d_eff), (0, via["beta"])],
+                "log_R_D_star": [(1, -beta * dd_star)], "log_R_N_star": [(0, -alpha * dn_star)]}))
 
         return terms
 
@@ -665,7 +788,7 @@ def spans_epochs(frame: pd.DataFrame, runs: int = 5, factor: float = 4.0) -> tup
     return float(repeated.min()), float(repeated.max())
 
 
-class Sparsity(_Parametric):
+class Sparsity(ParametricLaw):
     """Sparsity-aware law of Abnar et al. (2025), their Eq. 6:
     L(N, D, S) = e + a/N^α + b/D^β + c/(1−S)^λ + d/((1−S)^δ·N^γ), N = total params, S = sparsity.
 
@@ -681,7 +804,12 @@ class Sparsity(_Parametric):
     """
 
     name = "Sparsity"
+    title = "sparsity-aware (Abnar et al. 2025), all runs"
+    uses_sparsity = True
     uses_unique_tokens = True
+    limits = ("U", "sparsities", "n_range")
+    optimum_returns = ("C", "S_star", "N_active", "N_total", "D", "U", "epochs", "loss")
+    floor = "e"
     spec = (("log_e", "e", True), ("log_a", "a", True), ("alpha", "alpha", False), ("log_b", "b", True),
             ("beta", "beta", False), ("log_c", "c", True), ("lambda", "lambda", False), ("log_d", "d", True),
             ("delta", "delta", False), ("gamma", "gamma", False), ("log_R_D_star", "R_D_star", True))
@@ -724,21 +852,21 @@ class Sparsity(_Parametric):
                        delta=self.huber_delta).candidates
         log_r = np.asarray(self.grid["log_R_D_star"], float)
         starts = np.repeat(basins, len(log_r), axis=0)
-        starts[:, -1] = np.tile(log_r, len(basins))
+        starts[:, self._position(["R_D_star"])[0]] = np.tile(log_r, len(basins))
         return starts
 
     def _grid_starts(self, names: Sequence[str] | None = None) -> np.ndarray:
         return self._warm if names is None and self._warm is not None else super()._grid_starts(names)
 
-    def optimum(self, C: float, U: float | None = None, sparsities: Sequence[float] | None = None,
-                params: dict[str, float] | None = None,
-                n_range: tuple[float, float] | None = None) -> dict[str, float]:
+    def _optimum(self, C: float, params: dict[str, float], U: float | None = None,
+                 sparsities: Sequence[float] | None = None,
+                 n_range: tuple[float, float] | None = None) -> dict[str, float]:
         """Lowest predicted loss at budget C (C = 6·N_active·D) with U unique tokens (None: unlimited), over
         N_active (within ``n_range``; by default the sizes whose tokens per active parameter lie within the
         fitted runs' range, because a ten-parameter law is only trusted near the data it was fitted on) and S
         (``sparsities``, or a fine grid over [0, the largest fitted S]): S_star, N_active,
         N_total, D, epochs = D/U and loss."""
-        theta = self._internal(params or self.params_)
+        theta = self._internal(params)
         grid = np.linspace(0, self.s_max_, 101) if sparsities is None else np.asarray(sparsities, float)
         total = self.total_params_
         n_range = n_range or self.supported_sizes(C)
@@ -808,17 +936,20 @@ class Sparsity(_Parametric):
             pinned = _effective(log_u, repeats, np.log([self.frozen["R_D_star"]]))[0][0]
 
         def terms(theta: np.ndarray):
-            log_e, log_a, alpha, log_b, beta, log_c, lam, log_d, delta, gamma = (
-                theta[:, i:i + 1] for i in range(10))
+            p = self._named(theta)
+            beta, delta, gamma = p["beta"], p["delta"], p["gamma"]
             if "R_D_star" in self.frozen:
                 log_d_eff, d_star = pinned, []
             else:
-                log_d_eff, dd_star, _ = _effective(log_u, repeats, theta[:, 10])
+                log_d_eff, dd_star, _ = _effective(log_u, repeats, p["log_R_D_star"][:, 0])
                 d_star = [(2, -beta * dd_star)]
-            return ([log_e, log_a - alpha * log_n, log_b - beta * log_d_eff, log_c - lam * log_1ms,
-                     log_d - delta * log_1ms - gamma * log_n],
-                    [[(0, 1.0)], [(1, 1.0)], [(1, -log_n)], [(2, 1.0)], [(2, -log_d_eff)], [(3, 1.0)],
-                     [(3, -log_1ms)], [(4, 1.0)], [(4, -log_1ms)], [(4, -log_n)], d_star])
+            return ([p["log_e"], p["log_a"] - p["alpha"] * log_n, p["log_b"] - beta * log_d_eff,
+                     p["log_c"] - p["lambda"] * log_1ms, p["log_d"] - delta * log_1ms - gamma * log_n],
+                    self._by_parameter({
+                        "log_e": [(0, 1.0)], "log_a": [(1, 1.0)], "alpha": [(1, -log_n)], "log_b": [(2, 1.0)],
+                        "beta": [(2, -log_d_eff)], "log_c": [(3, 1.0)], "lambda": [(3, -log_1ms)],
+                        "log_d": [(4, 1.0)], "delta": [(4, -log_1ms)], "gamma": [(4, -log_n)],
+                        "log_R_D_star": d_star}))
 
         return terms
 
@@ -895,6 +1026,8 @@ class IsoFLOP(Law):
     """
 
     name = "IsoFLOP"
+    title = "isoFLOP (Chinchilla approach 2)"
+    optimum_returns = ("C", "N_opt", "D_opt")
 
     def __init__(self, *, x: str = "active_params", rtol: float = 0.1, weighted: bool = False,
                  bootstrap: int = 0, seed: int = 0, level: float = 0.95):
@@ -964,6 +1097,7 @@ class IsoFLOP(Law):
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
         """Loss on each row's budget parabola in log10 N (NaN for a budget not fitted)."""
+        self._check_fitted()
         budget_col = "budget" if "budget" in frame else "flops"
         cols = _columns(frame, self.name, [self.x, budget_col], positive=[self.x, budget_col])
         log_b, log_fit = np.log(budget_groups(frame, self.rtol)), np.log(self._budgets)
@@ -972,10 +1106,14 @@ class IsoFLOP(Law):
         v, c = np.log10(cols[self.x]) - self._centers[g], self._coef[g]
         return np.where(near, c[:, 0] + c[:, 1] * v + c[:, 2] * v * v, np.nan)
 
-    def optimum(self, C: float, params: dict[str, float] | None = None) -> dict[str, float]:
+    def _optimum(self, C: float, params: dict[str, float], **limits: Any) -> dict[str, float]:
         """N* = k_N·C^a and D* = k_D·C^b at budget C."""
-        p = params or self.params_
+        p = params
         return {"C": float(C), "N_opt": p["k_N"] * C ** p["a"], "D_opt": p["k_D"] * C ** p["b"]}
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """The per-budget vertices N*, D*, L* with their delta-method intervals (``vertices_``)."""
+        return {"vertices": self.vertices_}
 
     def _data(self, frame: pd.DataFrame) -> dict:
         budget_col = "budget" if "budget" in frame else "flops"
@@ -1031,6 +1169,10 @@ class Envelope(Law):
     """
 
     name = "Envelope"
+    title = "loss envelope and effective compute per sparsity"
+    uses_sparsity = True
+    freezable = ("L_inf",)
+    optimum_returns = ("C", "loss_{S}")
 
     def __init__(self, *, l_inf: float | None = None, points: str = "best", rtol: float = 0.1,
                  huber_delta: float = HUBER_DELTA, bootstrap: int = 0, seed: int = 0, level: float = 0.95):
@@ -1063,6 +1205,7 @@ class Envelope(Law):
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
         """L∞ + A_variant·C^(−α) per row (C: ``budget`` if present, else ``flops``); NaN for a variant not
         fitted."""
+        self._check_fitted()
         budget_col = "budget" if "budget" in frame else "flops"
         cols = _columns(frame, self.name, [budget_col], positive=[budget_col])
         sparsity = frame["sparsity"].to_numpy(float) if "sparsity" in frame else np.zeros(len(frame))
@@ -1070,9 +1213,14 @@ class Envelope(Law):
         amp = np.array([p.get(f"A_{_label(s)}", np.nan) for s in sparsity])
         return p["L_inf"] + amp * cols[budget_col] ** -p["alpha"]
 
-    def optimum(self, C: float, params: dict[str, float] | None = None) -> dict[str, float]:
+    @classmethod
+    def freeze_options(cls, values: dict[str, float]) -> dict[str, Any]:
+        """``--freeze L_inf=VALUE`` pins L∞ (``l_inf``)."""
+        return {"l_inf": values["L_inf"]} if super().freeze_options(values) else {}
+
+    def _optimum(self, C: float, params: dict[str, float], **limits: Any) -> dict[str, float]:
         """Each variant's envelope loss at budget C (``loss_S0.5``, …)."""
-        p = params or self.params_
+        p = params
         return {"C": float(C), **{f"loss_{_label(s)}": p["L_inf"] + p[f"A_{_label(s)}"] * C ** -p["alpha"]
                                   for s in self._levels}}
 
@@ -1193,10 +1341,11 @@ def fit_law(frame: pd.DataFrame, law: str, *, bootstrap: int = 0, budget: float 
 
 def summarize(model: Law, law: str, budget: float | None = None, unique_tokens: float | None = None) -> dict:
     """A fitted law as plain JSON: law, params, ci (name → [lo, hi], for parameters and the optimum's
-    quantities), optimum (at ``budget``, under ``unique_tokens`` for the laws that use it), objective,
-    n_points, notes."""
+    quantities), optimum (at ``budget``, under ``unique_tokens`` for the laws that take that limit), objective,
+    n_points, notes, and the law's ``tables`` (e.g. isoFLOP vertices) as lists of rows."""
     notes, ci, optimum = list(model.notes_), dict(model.ci_), {}
-    limit = {"U": unique_tokens} if model.uses_unique_tokens else {}
+    takes_u = "U" in model.limits
+    limit = {"U": unique_tokens} if takes_u else {}
     if budget is not None:
         optimum = model.optimum(budget, **limit)
         if model.bootstrap_ is not None:
@@ -1204,15 +1353,45 @@ def summarize(model: Law, law: str, budget: float | None = None, unique_tokens: 
                                   for row in model.bootstrap_.to_dict("records")])
             ci.update(percentile_intervals(draws.drop(columns=["C", "U"], errors="ignore"), model.level))
             notes += model.optimum_notes(ci)
-    if unique_tokens is not None and not model.uses_unique_tokens:
+    if unique_tokens is not None and not takes_u:
         notes.append(f"unique_tokens is not used by the {law} law")
     elif unique_tokens is not None and budget is None:
         notes.append("give a budget as well for the compute-optimal allocation under the unique-token limit")
     return {"law": law, "params": _plain(model.params_),
             "ci": {k: [float(lo), float(hi)] for k, (lo, hi) in ci.items() if np.isfinite([lo, hi]).all()},
             "optimum": _plain(optimum), "objective": float(model.objective_),
-            "n_points": int(model.n_points_), "notes": notes}
+            "n_points": int(model.n_points_), "notes": notes,
+            **{name: _records(table) for name, table in model.tables().items()}}
+
+
+def result_rows(result: dict[str, Any], by_name: bool = False) -> pd.DataFrame:
+    """A fit (``summarize``'s dict) as rows kind (param or optimum), name, value, ci_lo, ci_hi (NaN without an
+    interval): what the command prints, the report shows and the store keeps. ``by_name``: one row per name, an
+    optimum value replacing a parameter of the same name (the store's key)."""
+    rows = []
+    for kind, values in (("param", result.get("params", {})), ("optimum", result.get("optimum", {}))):
+        for name, value in values.items():
+            if not isinstance(value, (int, float, np.number)) or isinstance(value, bool):
+                continue
+            lo, hi = (result.get("ci", {}).get(name) or [np.nan, np.nan])[:2]
+            rows.append({"kind": kind, "name": name, "value": float(value), "ci_lo": lo, "ci_hi": hi})
+    out = pd.DataFrame(rows, columns=["kind", "name", "value", "ci_lo", "ci_hi"])
+    return out.drop_duplicates("name", keep="last") if by_name else out
 
 
 def _plain(values: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if np.isfinite(v)}
+
+
+def _records(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """A table as JSON rows: flags as booleans, counts as integers, other numbers as floats (NaN as None)."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, (bool, np.bool_)):
+            return bool(v)
+        if isinstance(v, (int, np.integer)):
+            return int(v)
+        if isinstance(v, (float, np.floating)):
+            return float(v) if np.isfinite(v) else None
+        return v
+
+    return [{k: plain(v) for k, v in row.items()} for row in table.to_dict("records")]

@@ -507,7 +507,7 @@ def test_sparsity_optimum_conventions():
     frame = moe_sweep(sizes=5)
     frame["loss"] = sparsity_loss(frame["params"], frame["tokens"], frame["sparsity"], 3e9, ABNAR)
     law = Sparsity(grid={k: v[:1] for k, v in laws.SPARSITY_GRID.items()} | {"log_a": [5.0, 6.0]}).fit(frame)
-    opt = law.optimum(1e21, 3e9, sparsities=[0.0, 0.5, 0.875])
+    opt = law.optimum(1e21, U=3e9, sparsities=[0.0, 0.5, 0.875])
     assert opt["S_star"] in (0.0, 0.5, 0.875)
     assert opt["N_total"] == pytest.approx(opt["N_active"] / (1 - opt["S_star"]))
     assert opt["epochs"] == pytest.approx(opt["D"] / 3e9)
@@ -516,15 +516,15 @@ def test_sparsity_optimum_conventions():
     ratio = frame["tokens"] / frame["active_params"]
     lo, hi = law.supported_sizes(1e21)
     assert (lo, hi) == pytest.approx((math.sqrt(1e21 / (6 * ratio.max())), math.sqrt(1e21 / (6 * ratio.min()))))
-    assert lo <= law.optimum(1e21, 3e9)["N_active"] <= hi
-    assert law.optimum(1e21, 3e9, n_range=(lo, lo * 1.01))["N_active"] == pytest.approx(lo, rel=0.011)
+    assert lo <= law.optimum(1e21, U=3e9)["N_active"] <= hi
+    assert law.optimum(1e21, U=3e9, n_range=(lo, lo * 1.01))["N_active"] == pytest.approx(lo, rel=0.011)
     # by default totals follow the runs' own architecture: here half of each active parameter count is shared
     shared = frame.assign(params=frame["active_params"] * (1 + 0.5 * frame["sparsity"] / (1 - frame["sparsity"])))
     learnt = Sparsity(grid={k: v[:1] for k, v in laws.SPARSITY_GRID.items()} | {"log_a": [5.0, 6.0]}).fit(shared)
-    opt = learnt.optimum(1e21, 3e9, sparsities=[0.75])
+    opt = learnt.optimum(1e21, U=3e9, sparsities=[0.75])
     assert opt["N_total"] == pytest.approx(opt["N_active"] * 2.5)
     custom = Sparsity(total_params=lambda n, s: n * (1 + 4 * s)).fit(frame)
-    alt = custom.optimum(1e21, 3e9)
+    alt = custom.optimum(1e21, U=3e9)
     assert alt["N_total"] == pytest.approx(alt["N_active"] * (1 + 4 * alt["S_star"]))
     assert 0 <= alt["S_star"] <= 0.875 and "epochs" not in custom.optimum(1e21)
 
@@ -543,7 +543,8 @@ def test_fit_law_returns_plain_json_for_every_law():
     for law, (data, options) in cases.items():
         result = fit_law(data, law, bootstrap=20, budget=1e21, unique_tokens=3e9, seed=1, **options)
         text = json.dumps(result, allow_nan=False)
-        assert set(json.loads(text)) == {"law", "params", "ci", "optimum", "objective", "n_points", "notes"}
+        tables = {"vertices"} if law == "isoflop" else set()  # the isoFLOP vertices beside the parameters
+        assert set(json.loads(text)) == {"law", "params", "ci", "optimum", "objective", "n_points", "notes"} | tables
         assert result["law"] == law and result["n_points"] == len(data) and result["optimum"]["C"] == 1e21
         assert all(lo <= hi for lo, hi in result["ci"].values()) and result["ci"]
         assert all(isinstance(v, float) for v in result["params"].values())
@@ -741,9 +742,9 @@ def test_sparsity_recovers_random_truths():
         loss = sparsity_loss(frame["params"], frame["tokens"], frame["sparsity"], 3e9, truth)
         frame["loss"] = noisy(loss, rng)
         law = Sparsity(bootstrap=100, seed=seed).fit(frame)
-        draws = law.bootstrap_.assign(S_star=[law.optimum(1e21, 3e9, params=row)["S_star"]
+        draws = law.bootstrap_.assign(S_star=[law.optimum(1e21, U=3e9, params=row)["S_star"]
                                               for row in law.bootstrap_.to_dict("records")])
-        truth["S_star"] = law.optimum(1e21, 3e9, params=truth | {"R_D_star": 15.388})["S_star"]
+        truth["S_star"] = law.optimum(1e21, U=3e9, params=truth | {"R_D_star": 15.388})["S_star"]
         results.append((truth, family(draws, truth)))
     assert_recovered(results)
 
