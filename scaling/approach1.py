@@ -88,6 +88,10 @@ class CurveEnvelope(Law):
             self.notes_.append("no intervals without bootstrap")
         return self
 
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        """Not a loss model: the envelope of the curves is the answer (``envelope_``)."""
+        raise FitError(f"{self.name} predicts no losses; read envelope_")
+
     def _optimum(self, C: float, params: dict[str, float], **limits: Any) -> dict[str, float]:
         """N* = k_N·C^a and D* = k_D·C^b at budget C."""
         p = params
