@@ -666,6 +666,28 @@ def test_cli_fit_csv_where_selects_rows(monkeypatch, capsys):
         assert code == 1 and out == "" and needle in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_cli_isoflop_json_has_vertices_and_weighted_is_wls(monkeypatch, capsys):
+    """``--format json`` carries the per-budget vertices with their intervals; the default power law is OLS and
+    ``--weighted`` the WLS on the vertices' precision, as ``IsoFLOP(weighted=...)``."""
+    path = str(PUBLISHED / "open_athena_isoflops_transform.csv")
+    args = ("fit", "--csv", path, "--law", "isoflop", "--format", "json", "--column", "flops=budget",
+            "--where", "source = 'epochai_chinchilla' AND NOT outlier")
+    points = pd.read_csv(path)
+    points = points[(points["source"] == "epochai_chinchilla") & ~points["outlier"]]
+    for flags, weighted in (((), False), (("--weighted",), True)):
+        code, out, err = scaling_cli(monkeypatch, capsys, *args, *flags)
+        assert code == 0, err
+        result, expected = json.loads(out), IsoFLOP(x="params", weighted=weighted).fit(points)
+        assert result["params"]["a"] == pytest.approx(expected.params_["a"], rel=1e-9)
+        assert ("WLS" if weighted else "OLS") in " ".join(result["notes"])
+        vertices = pd.DataFrame(result["vertices"])
+        assert len(vertices) == len(expected.vertices_) >= 2 and vertices["in_range"].any()
+        assert (vertices["n_lo"] < vertices["n_opt"]).all() and (vertices["n_opt"] < vertices["n_hi"]).all()
+        assert np.allclose(vertices["n_opt"], expected.vertices_["n_opt"], rtol=1e-9)
+    code, out, err = scaling_cli(monkeypatch, capsys, "fit", "--csv", path, "--law", "chinchilla", "--weighted")
+    assert code == 2 and "the chinchilla law has no weighted fit" in err
+
+
 def test_non_converged_fit_is_a_fit_error(monkeypatch):
     frame = chinchilla_sweep(CHINCHILLA, np.random.default_rng(0))
     real = solve.newton
