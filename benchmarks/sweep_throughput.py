@@ -65,11 +65,17 @@ def branched(sweep: SweepConfig) -> pd.DataFrame:
     return plan(replace(sweep, schedule=replace(sweep.schedule, kind="wsd-branches"))).runs
 
 
+def dedicated(sweep: SweepConfig) -> pd.DataFrame:
+    """The sweep's points as dedicated runs; for a branching sweep the same points (its lattice sizes)."""
+    schedule = replace(sweep.schedule, kind="dedicated", lattice=sweep.schedule.on_lattice)
+    return plan(replace(sweep, schedule=schedule)).runs
+
+
 def measure(sweep: SweepConfig, repeats: int, steps: int, clock: str, family_experts: tuple[int, ...]) -> dict:
     """Medians over interleaved repeats of peak and step throughput per shape and attention path."""
     torch.set_num_threads(1)
     keep_freed_memory()  # as train_run does on CPU
-    runs, branches = plan(sweep).runs, branched(sweep)
+    runs, branches = dedicated(sweep), branched(sweep)
     shapes = sorted(set(runs["spec"].map(lambda spec: spec.model)) | set(branches["spec"].map(lambda s: s.model)),
                     key=lambda c: (c.n_experts, c.d_model, c.n_layers))
     family_experts = family_experts or tuple(sorted({cfg.n_experts for cfg in shapes}))

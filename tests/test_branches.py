@@ -386,3 +386,65 @@ def test_branch_check_needs_a_branching_sweep(tmp_path):
     assert done.returncode == 2 and done.stdout == "" and not (tmp_path / "x.duckdb").exists()  # a config error
     assert done.stderr.strip() == ('error: ' + str(ROOT / "sweeps" / "smoke.toml") +
                                    ': branch-check needs a sweep with [schedule] kind = "wsd-branches"')
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_branches_on_slurm_survive_a_driver_sigkill_and_train_each_run_once(tmp_path):
+    """The branching sweep on a real Slurm: the driver is SIGKILLed once a branch is in flight and started again.
+    The new driver attaches to the jobs in flight (no run is submitted twice), every trunk and branch ends ok,
+    each branch starts from its trunk exactly once, and the stored points are the branches' results."""
+    from test_slurm import cluster_problem
+
+    if problem := cluster_problem():
+        pytest.skip(f"needs a Slurm cluster, e.g. `sudo scripts/local-slurm.sh start`: {problem}")
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    planned = plan(load_sweep(path)).runs
+    db, runs_dir = tmp_path / "results.duckdb", tmp_path / "runs"
+    jobs_file = runs_dir / "_slurm" / "jobs.json"
+    command = [sys.executable, "-c", "from scaling.cli import main; main()", "run", str(path), "--executor",
+               "slurm", "--cpus-per-task", "1", "--time-min", "10", "--db", str(db), "--runs-dir", str(runs_dir)]
+    env = {**os.environ, "SCALING_CACHE": str(REPO_CACHE)}
+    branches = set(planned[planned.role == "branch"].run_id)
+
+    def submitted() -> dict[str, str]:
+        try:
+            return {run_id: job["job_id"] for run_id, job in json.loads(jobs_file.read_text()).items()}
+        except (OSError, ValueError):
+            return {}
+
+    with open(tmp_path / "first.err", "w") as err:
+        first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=tmp_path,
+                                 start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (branches & set(submitted())):  # a trunk has reached a branch point and its branch is queued
+            assert first.poll() is None, (tmp_path / "first.err").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no branch was submitted in 300 s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(first.pid, 9)
+        first.wait()
+    before = submitted()
+    try:
+        second = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    finally:
+        left = [job for run_id, job in submitted().items() if not (runs_dir / run_id / "result.json").exists()]
+        if left:
+            subprocess.run(["scancel", *left], capture_output=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    after = submitted()
+    assert {run_id: after[run_id] for run_id in before} == before  # attached, not submitted again
+    con = connect(db, read_only=True)
+    status = dict(con.execute("SELECT run_id, status FROM runs").fetchall())
+    stored = dict(con.execute("SELECT run_id, loss FROM isoflop_points").fetchall())
+    con.close()
+    assert status == dict.fromkeys(planned.run_id, "ok")
+    assert sorted(stored) == sorted(branches)
+    for run_id in branches:
+        text = (runs_dir / run_id / "log.txt").read_text()
+        assert len(re.findall(r"branching from trunk", text)) == 1, text
+        assert stored[run_id] == json.loads((runs_dir / run_id / "result.json").read_text())["final_eval_loss"]
+    for run_id in set(planned.run_id) - branches:  # a trunk starts once; it resumes only if Slurm requeued it
+        assert (runs_dir / run_id / "log.txt").read_text().count(f"starting run {run_id}") == 1
