@@ -1,9 +1,11 @@
 """Scaling laws and the fitting engine.
 
-Five laws, each a small estimator with the same shape: ``Law(options).fit(frame)`` returns the law with
+The laws, each a small estimator with the same shape (``Law``): ``Law(options).fit(frame)`` returns the law with
 ``params_`` (name → value), ``ci_`` (name → (lo, hi)), ``objective_``, ``n_points_``, ``notes_`` and
-``bootstrap_`` (the bootstrap samples, or None); ``predict(frame)`` gives the loss and ``optimum(C, …)`` the
-compute-optimal allocation. ``fit_law`` wraps them for the CLI and the report as one JSON-serialisable dict.
+``bootstrap_`` (the bootstrap samples, or None); ``predict(frame)`` gives the loss and ``optimum(C, **limits)``
+the compute-optimal allocation. ``LAWS`` (command name → class) is the one list of them: the command's choices,
+the fitting front end and the report read it and each class's declarations. ``fit_law`` wraps a law for the CLI
+and the report as one JSON-serialisable dict, ``result_rows`` turns that into the rows everything shows and stores.
 
 Input columns (each law uses only some): ``params`` (total N), ``active_params``, ``tokens`` (D),
 ``unique_tokens`` (U), ``sparsity`` (S = (E − k)/E, 0 for dense), ``flops`` (C), ``budget`` (optional: the
