@@ -17,12 +17,20 @@ class ConfigError(ValueError):
     """A sweep or run configuration problem, phrased for the user (file, key, problem)."""
 
 
+# model.router: name -> its class in ``scaling.router`` (looked up only to build a model, so that planning never
+# imports torch). The first is the default. Adding a router: its class there and its line here.
+ROUTERS = {
+    "softmax-topk": "SoftmaxTopK",
+    "sigmoid-topk": "SigmoidTopK",
+}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """One transformer. Dense is ``n_experts == 1``; MoE layers replace the FFN every ``moe_every``-th layer.
 
     ``d_ff`` is the dense FFN width; an expert has width ``d_ff // granularity`` (Krajewski et al. 2024).
-    ``capacity_factor == 0`` means dropless dispatch.
+    ``capacity_factor == 0`` means dropless dispatch. ``router`` names a router of ``ROUTERS``.
     """
 
     vocab_size: int = 256
@@ -39,6 +47,7 @@ class ModelConfig:
     share_weights: bool = False
     positional: str = "learned"
     tie_embeddings: bool = True
+    router: str = next(iter(ROUTERS))
     router_noise: bool = False
     capacity_factor: float = 0.0
     aux_loss_coef: float = 0.01
@@ -57,6 +66,9 @@ class ModelConfig:
             raise ConfigError(f"model.d_ff={self.d_ff} is not divisible by granularity={self.granularity}")
         if self.positional not in ("learned", "rotary"):
             raise ConfigError(f"model.positional must be 'learned' or 'rotary', got {self.positional!r}")
+        if self.router not in ROUTERS:
+            raise ConfigError(f"model.router must be one of {', '.join(ROUTERS)}, got {self.router!r}"
+                              f"{suggest(self.router, list(ROUTERS))}")
         if self.capacity_factor < 0 or self.shared_experts < 0:
             raise ConfigError("model.capacity_factor and model.shared_experts must be >= 0")
 
@@ -391,7 +403,7 @@ class SweepConfig:
 TOP_KEYS = ["name", "corpus", "tokenizer", "vocab_size", "context", "unique_tokens", "budgets", "max_epochs",
             "min_steps", "seeds", "sparsity", "sizes", "shape", "model", "train", "repeat", "executor", "schedule"]
 MODEL_OVERRIDES = ["granularity", "moe_every", "shared_experts", "share_weights", "positional", "tie_embeddings",
-                   "router_noise", "capacity_factor", "aux_loss_coef", "z_loss_coef"]
+                   "router", "router_noise", "capacity_factor", "aux_loss_coef", "z_loss_coef"]
 EXECUTOR_KEYS = ["partition", "time_min", "cpus_per_task", "gpus_per_node", "mem_gb", "max_parallel"]
 
 

@@ -46,7 +46,9 @@ def mlp_params(d_model: int, width: int) -> int:
 
 
 def router_params(cfg: ModelConfig) -> int:
-    """Router logits d·E, plus the noisy top-k projection d·E (Shazeer et al. 2017) when enabled."""
+    """Router logits d·E, plus the noisy top-k projection d·E (Shazeer et al. 2017) when enabled: the same for every
+    router of ``scaling.router`` (softmax or sigmoid scores cost no counted FLOPs); one with other weights adds its
+    case here (``tests/test_model.py`` checks the count of every router)."""
     return cfg.d_model * cfg.n_experts * (2 if cfg.router_noise else 1)
 
 

@@ -59,7 +59,9 @@ def model_config(d_model: int, n_layers: int, variant: Variant, sweep: SweepConf
     granularity = int(sweep.model.get("granularity", 1)) if variant.n_experts > 1 else 1
     if d_ff % granularity:
         return None
-    overrides = {k: v for k, v in sweep.model.items() if k != "granularity"}
+    # a dense model has no router: its spec (and id) is the plain dense run's, shared by sweeps of any router
+    ignored = ("granularity",) if variant.n_experts > 1 else ("granularity", "router")
+    overrides = {k: v for k, v in sweep.model.items() if k not in ignored}
     return build(ModelConfig, {
         "vocab_size": sweep.vocab_size, "context": sweep.context, "d_model": d_model, "n_layers": n_layers,
         "n_heads": d_model // sweep.shape.head_dim, "d_ff": d_ff, "n_experts": variant.n_experts,

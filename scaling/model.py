@@ -1,38 +1,21 @@
 """The transformer: pre-LayerNorm decoder with dense or Mixture-of-Experts FFNs and optional weight sharing.
 
 Parameter counts match ``scaling.flops.param_counts`` exactly (a test checks every option). Dense is the
-``n_experts == 1`` case. An MoE FFN routes each token to its top-k of E experts (softmax router, noisy top-k
-optional), adds the Switch load-balancing loss and the ST-MoE router z-loss, and dispatches without dropping
-by default: token-expert pairs are sorted by expert, gathered, run through one grouped matmul per projection
-and scatter-added back weighted by their gates. ``capacity_factor > 0`` drops pairs beyond each expert's
-capacity.
+``n_experts == 1`` case. An MoE FFN asks its router (``scaling.router``: scores, top-k, capacity, the
+load-balancing and z losses) for the token-expert pairs grouped by expert, gathers them, runs them through one
+grouped matmul per projection and scatter-adds them back weighted by their gates.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scaling.config import ConfigError, ModelConfig
-
-
-class RouterStats(NamedTuple):
-    """One MoE layer's routing in one forward pass (detached)."""
-
-    load: Tensor  # [E] fraction of token-expert assignments routed to each expert (sums to 1)
-    entropy: Tensor  # mean entropy of the router distribution over tokens (nats)
-    dropped: Tensor  # fraction of assignments dropped by the capacity limit
-
-
-class MoEOutput(NamedTuple):
-    aux_loss: Tensor
-    z_loss: Tensor
-    stats: RouterStats
-
+from scaling.router import Routing, make_router
 
 QUERY_BLOCK = 32  # query rows per block of the batched causal path
 
@@ -137,55 +120,33 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    """Top-k routed FFN with its own router over a (possibly shared) expert bank."""
+    """Routed FFN: its own router (``scaling.router``) over a (possibly shared) expert bank; dropless unless the
+    router drops pairs beyond a capacity."""
 
     def __init__(self, cfg: ModelConfig, experts: Experts) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
-        self.noise = nn.Linear(cfg.d_model, cfg.n_experts, bias=False) if cfg.router_noise else None
+        self.router = make_router(cfg)
         self.experts = experts
+        self.register_load_state_dict_pre_hook(rename_router_keys)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, MoEOutput]:
-        cfg, shape = self.cfg, x.shape
-        x = x.reshape(-1, shape[-1])
-        n_tokens, E, k = x.shape[0], cfg.n_experts, cfg.top_k
-        logits = self.router(x).float()
-        lse = logits.logsumexp(-1, keepdim=True)  # also the z-loss's
-        noisy, noisy_lse = logits, lse
-        if self.noise is not None and self.training:
-            noisy = logits + torch.randn_like(logits) * F.softplus(self.noise(x).float())
-            noisy_lse = noisy.logsumexp(-1, keepdim=True)
-        log_probs = noisy - noisy_lse  # log_softmax: its CPU kernel is 3x slower for E ≤ 8 (measured)
-        probs = log_probs.exp()
-        gates, chosen = probs.max(-1, keepdim=True) if k == 1 else probs.topk(k, dim=-1)
-        if k > 1:  # renormalise over the chosen k; top-1 keeps its probability so the router gets a gradient
-            gates = gates / gates.sum(-1, keepdim=True)
-
-        # Slot-major order (all first choices before any second choice), so capacity drops later choices.
-        flat = chosen.t().reshape(-1)
-        counts = torch.bincount(flat, minlength=E)
-        order = flat.argsort(stable=True)
-        token, gate = order % n_tokens if k > 1 else order, gates.t().reshape(-1)[order]
-        kept = counts
-        if cfg.capacity_factor > 0:
-            capacity = math.ceil(cfg.capacity_factor * n_tokens * k / E)
-            rank = torch.arange(flat.numel(), device=x.device) - (counts.cumsum(0) - counts)[flat[order]]
-            keep = rank < capacity
-            token, gate, kept = token[keep], gate[keep], counts.clamp(max=capacity)
-        out = self.experts(x.index_select(0, token), kept.cumsum(0).to(torch.int32))
-        out = out * gate.to(x.dtype)[:, None]
-        y = torch.zeros_like(x).index_add_(0, token, out)
+    def forward(self, x: Tensor) -> tuple[Tensor, Routing]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [n, d]
+        route = self.router(x)
+        out = self.experts(x.index_select(0, route.token), route.counts.cumsum(0).to(torch.int32))  # [m, d]
+        out = out * route.gate.to(x.dtype)[:, None]
+        y = torch.zeros_like(x).index_add_(0, route.token, out)
         if self.experts.shared is not None:
             y = y + self.experts.shared(x)
+        return y.view(shape), route
 
-        load = counts.float() / flat.numel()
-        aux_loss = cfg.aux_loss_coef * E * (load * probs.mean(0)).sum()
-        z_loss = cfg.z_loss_coef * lse.square().mean()
-        with torch.no_grad():
-            stats = RouterStats(load=load, entropy=-(probs * log_probs).sum(-1).mean(),
-                                dropped=1 - kept.sum() / flat.numel())
-        return y.view(shape), MoEOutput(aux_loss, z_loss, stats)
+
+def rename_router_keys(module: MoE, state_dict: dict, prefix: str, *args: object) -> None:
+    """Checkpoints written before routers were modules of their own keep loading: ``router.weight`` is now
+    ``router.gate.weight`` and ``noise.weight`` is ``router.noise.weight``."""
+    for old, new in (("router.weight", "router.gate.weight"), ("noise.weight", "router.noise.weight")):
+        if prefix + old in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
 
 
 class Block(nn.Module):
@@ -198,7 +159,7 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.ffn = ffn
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, MoEOutput | None]:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Routing | None]:
         x = x + self.attn(self.ln1(x), rope)
         if isinstance(self.ffn, MoE):
             h, moe = self.ffn(self.ln2(x))
@@ -262,7 +223,7 @@ class Transformer(nn.Module):
                 reduction: str = "mean") -> tuple[Tensor, Tensor | None, dict]:
         """Logits [B, T, V], the cross-entropy (mean, or per token [B, T] with ``reduction="none"``) when
         ``targets`` are given, and aux: {"aux_loss", "z_loss" (sums over MoE layers),
-        "router": [RouterStats per MoE layer]}."""
+        "router": [router.RouterStats per MoE layer]}."""
         T = idx.shape[1]
         x = self.tok(idx)
         if self.pos is not None:

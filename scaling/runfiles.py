@@ -22,7 +22,8 @@ NUMBERS = ("final_train_loss", "final_eval_loss", "tokens_seen", "epochs_done", 
            "train_s", "tokens_per_s", "flops_per_s", "steps")
 TIMES = ("started_at", "finished_at")
 METRIC_FIELDS = ("tokens", "train_loss", "ce_loss", "aux_loss", "z_loss", "eval_loss", "lr", "wall_s")
-ROUTER_FIELDS = ("tokens", "load", "entropy", "dropped_frac")
+ROUTER_STATS = ("load", "entropy", "dropped_frac")  # router.RouterStats' fields: the router_stats table's columns
+ROUTER_FIELDS = ("tokens", *ROUTER_STATS)
 ARRAYS = ("steps", "tokens", "eval_loss", "losses")
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 
 from scaling.config import RunSpec, SweepConfig
 from scaling.laws import result_rows
-from scaling.runfiles import DamagedRunFile, read_finished, set_aside
+from scaling.runfiles import ROUTER_STATS, DamagedRunFile, read_finished, set_aside
 
 SCHEMA_VERSION = 4
 DEFAULT_DB = "scaling.duckdb"
@@ -62,7 +62,7 @@ CREATE TABLE IF NOT EXISTS metrics (run_id VARCHAR, step INTEGER, tokens BIGINT,
     ce_loss DOUBLE, aux_loss DOUBLE, z_loss DOUBLE, eval_loss DOUBLE, lr DOUBLE, wall_s DOUBLE,
     PRIMARY KEY (run_id, step));
 CREATE TABLE IF NOT EXISTS router_stats (run_id VARCHAR, step INTEGER, tokens BIGINT, layer INTEGER,
-    expert INTEGER, load DOUBLE, entropy DOUBLE, dropped_frac DOUBLE, PRIMARY KEY (run_id, step, layer, expert));
+    expert INTEGER, {", ".join(f"{name} DOUBLE" for name in ROUTER_STATS)}, PRIMARY KEY (run_id, step, layer, expert));
 CREATE TABLE IF NOT EXISTS token_loss_arrays (run_id VARCHAR, step INTEGER, tokens BIGINT, eval_loss DOUBLE,
     losses FLOAT[], PRIMARY KEY (run_id, step));
 CREATE TABLE IF NOT EXISTS fits (fit_id VARCHAR PRIMARY KEY, sweep VARCHAR, law VARCHAR, created_at TIMESTAMP,
@@ -311,7 +311,7 @@ def ingest_run(con: duckdb.DuckDBPyConnection, run_dir: str | os.PathLike, run_i
                     ["step", "tokens", "train_loss", "ce_loss", "aux_loss", "z_loss", "eval_loss", "lr", "wall_s"],
                     key=["step"])
         insert_rows(con, "router_stats", run_id, result.get("router", []),
-                    ["step", "tokens", "layer", "expert", "load", "entropy", "dropped_frac"],
+                    ["step", "tokens", "layer", "expert", *ROUTER_STATS],
                     key=["step", "layer", "expert"])
         if arrays is not None:
             frame = pd.DataFrame({"run_id": run_id, "step": arrays["steps"], "tokens": arrays["tokens"],

@@ -47,6 +47,7 @@ from scaling.config import RunSpec, TrainConfig, cooldown_start, warmup_steps
 from scaling.data import Stream, eval_sample, load
 from scaling.flops import train_flops_per_token
 from scaling.model import Transformer
+from scaling.router import RouterStats
 
 EVAL_BATCH = 32  # sequences per eval forward pass: fixed, so capacity-limited MoE evals match across runs
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
@@ -136,13 +137,22 @@ class Record:
     pending: list[list[float]] = field(default_factory=list)  # per-step [loss, ce, aux, z] since the last row
     metrics: list[dict] = field(default_factory=list)
     router: list[dict] = field(default_factory=list)
-    router_sums: list[list[float]] | None = None  # per MoE layer: [load_0..load_E-1, entropy, dropped]
+    router_sums: dict[str, list] | None = None  # RouterStats field -> its sum since the last row, per MoE layer
     router_count: int = 0
     eval_rows: list[tuple[int, float]] = field(default_factory=list)  # (step, eval_loss)
     token_losses: list[np.ndarray] = field(default_factory=list)
     status: str = "ok"
     error: str | None = None
     diverged_step: int | None = None
+
+
+def by_name(router_sums: dict[str, list] | list[list[float]]) -> dict[str, list]:
+    """A checkpoint's router sums by statistic; checkpoints written before they were saved by name hold one row per
+    MoE layer, [load_0..load_E-1, entropy, dropped_frac]."""
+    if isinstance(router_sums, dict):
+        return router_sums
+    return {"load": [row[:-2] for row in router_sums], "entropy": [row[-2] for row in router_sums],
+            "dropped_frac": [row[-1] for row in router_sums]}
 
 
 @dataclass(frozen=True)
@@ -416,11 +426,12 @@ class Run:
                 for t in self.stream.batch(step, spec.train.batch_size, where.rank, where.world))
         return train_step(self.net, self.opt, x, y, spec.train.grad_clip, self.autocast)
 
-    def add_router(self, stats: list, sums: Tensor | None) -> Tensor | None:
+    def add_router(self, stats: list[RouterStats], sums: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+        """Add one step's router statistics, by name and stacked over MoE layers, to ``sums``."""
         if not stats:
             return None
-        now = torch.stack([torch.cat([s.load, s.entropy[None], s.dropped[None]]) for s in stats])
-        return now if sums is None else sums + now
+        now = {name: torch.stack([getattr(s, name) for s in stats]) for name in RouterStats._fields}
+        return now if sums is None else {name: sums[name] + value for name, value in now.items()}
 
     def bank(self, values: list[Tensor], clock: float) -> None:
         """Move per-step losses into the record (averaged over ranks) and add the time since ``clock``."""
@@ -451,15 +462,18 @@ class Run:
     def tokens_per_step(self) -> int:
         return self.spec.train.batch_size * self.spec.model.context
 
-    def checkpoint_eval(self, step: int, router_sums: Tensor | None) -> None:
-        """Eval loss, per-token losses and the router statistics accumulated since the last checkpoint."""
+    def checkpoint_eval(self, step: int, router_sums: dict[str, Tensor] | None) -> None:
+        """Eval loss, per-token losses and the router statistics accumulated since the last checkpoint: one row per
+        MoE layer and expert, with each statistic under its name (a per-layer one repeated on its experts' rows)."""
         rec, train, cfg = self.record, self.spec.train, self.spec.model
         tokens = step * self.tokens_per_step
         if router_sums is not None:
-            means = (all_mean(router_sums, self.where) / rec.router_count).tolist()
-            for layer, row in enumerate(means):
-                rec.router += [{"step": step, "tokens": tokens, "layer": layer, "expert": e, "load": row[e],
-                                "entropy": row[-2], "dropped_frac": row[-1]} for e in range(cfg.n_experts)]
+            means = {name: (all_mean(s, self.where) / rec.router_count).tolist() for name, s in router_sums.items()}
+            for layer in range(cfg.n_moe_layers):
+                at = {name: values[layer] for name, values in means.items()}
+                rec.router += [{"step": step, "tokens": tokens, "layer": layer, "expert": e,
+                                **{name: v[e] if isinstance(v, list) else v for name, v in at.items()}}
+                               for e in range(cfg.n_experts)]
             rec.router_count = 0
         if not self.where.main:
             return
@@ -477,7 +491,8 @@ class Run:
         trunk = bool(spec.branch_steps)  # no last-step row or eval: its branch checkpoints match dedicated runs
         evals = set(eval_steps(train, total, last=not trunk))
         values: list[Tensor] = []
-        sums = torch.tensor(rec.router_sums, device=self.where.device) if rec.router_sums else None
+        sums = ({name: torch.tensor(v, device=self.where.device) for name, v in by_name(rec.router_sums).items()}
+                if rec.router_sums else None)
         clock = time.perf_counter()
         for s in range(rec.step, end):
             loss, stats = self.step(s)
@@ -503,7 +518,7 @@ class Run:
                 self.log(self.progress(step))
                 self.note_progress(step)
             if save or keep:
-                rec.router_sums = sums.tolist() if sums is not None else None
+                rec.router_sums = {name: s.tolist() for name, s in sums.items()} if sums is not None else None
             if keep:  # before the periodic one: a resumed trunk never starts past a branch checkpoint it lacks
                 self.save(branch_checkpoint(self.dir, step))
             if save:

@@ -1,5 +1,6 @@
 """The training loop on the real shakespeare corpus: learning, run files, determinism, resume, divergence."""
 
+import dataclasses
 import json
 import math
 import os
@@ -11,11 +12,15 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import cli_in_process
 
 from scaling import train
 from scaling.config import ModelConfig, RunSpec, TrainConfig
 from scaling.flops import param_counts
 from scaling.model import Transformer
+from scaling.router import RouterStats
+from scaling.runfiles import ROUTER_FIELDS, ROUTER_STATS
+from scaling.store import connect
 from scaling.train import clip_grad_norm, eval_steps, execute, lr_at, train_run
 
 STEPS, BATCH, CONTEXT = 40, 16, 32
@@ -45,6 +50,7 @@ VARIANTS = {
     "moe": dict(n_experts=4, top_k=2),
     "noisy_moe": dict(n_experts=4, router_noise=True),
     "capacity_moe": dict(n_experts=4, capacity_factor=1.0),
+    "sigmoid_router": dict(n_experts=4, top_k=2, router="sigmoid-topk"),
     "shared_weights": dict(n_experts=4, share_weights=True, n_layers=3, positional="rotary"),
 }
 
@@ -88,6 +94,8 @@ def test_learns_and_writes_run_files(name, tmp_path):
         return
     assert all(m["aux_loss"] > 0 and m["z_loss"] > 0 for m in metrics)
     assert len(router) == len(checkpoints) * spec.model.n_moe_layers * spec.model.n_experts
+    assert all(r.keys() == {"step", "layer", "expert", *ROUTER_FIELDS} for r in router)  # the store's columns
+    assert RouterStats._fields == ROUTER_STATS
     for step in checkpoints:
         for layer in range(spec.model.n_moe_layers):
             rows = [r for r in router if r["step"] == step and r["layer"] == layer]
@@ -127,6 +135,29 @@ def test_resume_equals_uninterrupted(tmp_path, stop):
     assert a["router"] == b["router"]
     np.testing.assert_allclose(za["losses"], zb["losses"], atol=1e-6)
     assert "resuming at step" in (tmp_path / "resumed" / "log.txt").read_text()
+
+
+def test_a_checkpoint_written_before_routers_were_modules_resumes(tmp_path):
+    """Its parameters under their old names (``ffn.router.weight``, ``ffn.noise.weight``) and its router sums as
+    one row per layer, [load_0..load_E-1, entropy, dropped_frac]: the run ends as an uninterrupted one."""
+    spec = make_spec(steps=30, n_experts=4, router_noise=True, capacity_factor=1.5)
+    train_run(spec, tmp_path / "full")
+    train_run(spec, tmp_path / "resumed", stop_after_steps=17)
+    path = tmp_path / "resumed" / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    state["model"] = {k.replace("router.gate.", "router.").replace("router.noise.", "noise."): v
+                      for k, v in state["model"].items()}
+    sums = state["record"]["router_sums"]
+    state["record"]["router_sums"] = [[*load, entropy, dropped] for load, entropy, dropped in
+                                      zip(sums["load"], sums["entropy"], sums["dropped_frac"], strict=True)]
+    torch.save(state, path)
+    (tmp_path / "resumed" / "checkpoint.prev.pt").unlink(missing_ok=True)
+    assert train_run(spec, tmp_path / "resumed")["status"] == "ok"
+    (a, _), (b, _) = files(tmp_path / "full"), files(tmp_path / "resumed")
+    assert [{k: v for k, v in m.items() if k != "wall_s"} for m in a["metrics"]] == [
+        {k: v for k, v in m.items() if k != "wall_s"} for m in b["metrics"]]
+    assert a["router"] == b["router"]
+    assert "resuming at step 17" in (tmp_path / "resumed" / "log.txt").read_text()
 
 
 def test_planted_nan_marks_diverged(tmp_path, monkeypatch):
@@ -291,3 +322,31 @@ def test_a_checkpoint_without_a_thread_count_is_not_resumed(tmp_path):
     text = (tmp_path / "old" / "log.txt").read_text()
     assert "checkpoint.pt does not load (ValueError: it was written before checkpoints recorded" in text
     assert "resuming at step" not in text
+
+
+@pytest.mark.slow
+def test_a_sigmoid_routed_sweep_end_to_end(tmp_path, monkeypatch, capsys):
+    """``[model] router = "sigmoid-topk"`` through ``scaling run`` (plan, train, ingest): its router statistics
+    reach the store by name, and its runs are not the softmax-routed ones."""
+    sweep = tmp_path / "sigmoid.toml"
+    sweep.write_text('name = "sigmoid"\nbudgets = [3e9]\nunique_tokens = 200_000\ncontext = 32\nmin_steps = 20\n'
+                     '[sparsity]\nexperts = [4]\ntop_k = 2\n[sizes]\ncount = 1\n[shape]\nhead_dim = 8\n'
+                     'min_d_model = 16\n[model]\nrouter = "sigmoid-topk"\n'
+                     '[train]\nbatch_size = 16\neval_tokens = 2048\ntoken_loss_tokens = 512\n')
+    db = tmp_path / "store.duckdb"
+    done = cli_in_process(monkeypatch, capsys, "run", str(sweep), "--db", str(db), "--runs-dir",
+                          str(tmp_path / "runs"))
+    assert done.returncode == 0, done.stderr
+    con = connect(db, read_only=True)
+    try:
+        (run_id, spec), = con.execute("SELECT run_id, spec FROM runs WHERE status = 'ok'").fetchall()
+        stats = con.execute(f"SELECT layer, expert, {', '.join(ROUTER_STATS)} FROM router_stats "
+                            "WHERE step = (SELECT max(step) FROM router_stats)").df()
+    finally:
+        con.close()
+    spec = RunSpec.from_dict(json.loads(spec))
+    assert spec.model.router == "sigmoid-topk" and spec.run_id == run_id
+    assert run_id != dataclasses.replace(spec, model=dataclasses.replace(spec.model, router="softmax-topk")).run_id
+    assert len(stats) == spec.model.n_moe_layers * 4
+    assert np.allclose(stats.groupby("layer").load.sum(), 1.0)
+    assert ((stats.entropy > 0) & (stats.entropy <= math.log(4) + 1e-6)).all() and (stats.dropped_frac == 0).all()
