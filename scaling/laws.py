@@ -175,7 +175,7 @@ class Law(abc.ABC):
         unknown = sorted(set(values) - set(cls.freezable))
         if unknown:
             raise FitError(f"{cls.name} has no parameter(s) {', '.join(unknown)} to freeze; it can freeze "
-                           f"{', '.join(cls.freezable)}")
+                           f"{', '.join(cls.freezable)} only")
         return {"frozen": dict(values)}
 
     @classmethod

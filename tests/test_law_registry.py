@@ -112,7 +112,7 @@ def test_a_law_that_models_no_sparsity_fits_one_level(toy, tmp_path, monkeypatch
                                     "alpha=0.3", "--sparsity", "0", "--format", "json")
     assert code == 0 and json.loads(out)["params"]["alpha"] == 0.3, err
     code, _, err = scaling(monkeypatch, capsys, "fit", "--csv", str(csv), "--law", "toy", "--freeze", "B=1")
-    assert code == 2 and "Toy has no parameter(s) B to freeze; it can freeze E, A, alpha" in err
+    assert code == 2 and "Toy has no parameter(s) B to freeze; it can freeze E, A, alpha only" in err
 
 
 def test_every_law_declares_what_it_needs():
