@@ -22,6 +22,7 @@ from scaling.optimize import Prune, lbfgs, newton
 
 HUBER_DELTA = 1e-3
 KEEP = 24  # distinct basins kept from a point fit as warm starts for its bootstrap refits
+COARSE_POINTS = 20_000  # points a Newton grid's coarse first steps see (``_coarse``); all of them when fewer
 GRID_ITERATIONS = 200  # per start of an L-BFGS grid; the best distinct end points are then polished to convergence
 PRUNE = Prune(after=2, until=5, first=10.0, last=2.0, keep=32, patience=40)
 """Newton grids: from step 2 a start whose objective is over 10 times its problem's best so far (the factor
@@ -38,13 +39,14 @@ class LogSumObjective:
     ``terms(theta)`` returns the K log-terms t_k, each (b, n) or (b, 1) (the latter free of data, so with
     scalar derivatives only), and for each parameter j the pairs (k, ∂t_k/∂θ_j) with the derivative a scalar,
     an (n,) or a (b, n) array. ``log_loss`` is (n,) or one row per problem, ``weights`` (bootstrap counts)
-    one row per problem. Problems are evaluated in blocks of at most ~12,000 elements: arrays under glibc's
-    128 KiB mmap threshold are reused rather than page-faulted in afresh by every operation (4x faster here).
+    one row per problem, shared by ``per`` consecutive batch rows (the starts of one problem: never copied per
+    start). Problems are evaluated in blocks of at most ~12,000 elements: arrays under glibc's 128 KiB mmap
+    threshold are reused rather than page-faulted in afresh by every operation (4x faster here).
     """
 
     def __init__(self, terms: Terms, log_loss: np.ndarray, delta: float = HUBER_DELTA,
-                 weights: np.ndarray | None = None):
-        self.terms, self.y, self.delta, self.weights = terms, log_loss, delta, weights
+                 weights: np.ndarray | None = None, per: int = 1):
+        self.terms, self.y, self.delta, self.weights, self.per = terms, log_loss, delta, weights, per
         self.block = max(1, 12000 // log_loss.shape[-1])
 
     def __call__(self, theta: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -64,14 +66,14 @@ class LogSumObjective:
     def _block(self, theta: np.ndarray, rows: np.ndarray,
                shift: bool = False) -> tuple[np.ndarray, np.ndarray]:
         terms, jac = self.terms(theta)
-        y = self.y if self.y.ndim == 1 else self.y[rows]
+        y = self.y if self.y.ndim == 1 else self.y[rows // self.per]
         top = _lse_max(terms) if shift else 0.0  # unshifted by default: terms of shape (b, 1) stay narrow
         parts = [np.exp(t - top) for t in terms]
         total = _total(parts)
         r = np.log(total) - y + top
         c = np.clip(r, -self.delta, self.delta)  # Huber'(r); Huber(r) = c·(r − c/2)
         if self.weights is not None:
-            w = self.weights[rows]
+            w = self.weights[rows // self.per]
             f = np.einsum("ij,ij,ij->i", w, c, r) - 0.5 * np.einsum("ij,ij,ij->i", w, c, c)
             c *= w
         else:
@@ -119,6 +121,7 @@ class LinearTerms:
 
     def __init__(self, n_params: int, terms: Sequence[tuple[Any, dict[int, Any]]], n_points: int):
         self.n_params, self.n = n_params, n_points
+        self.given = [(offset, dict(coefs)) for offset, coefs in terms]
         self.offsets = [offset for offset, _ in terms]
         self.coefs = [dict(sorted(coefs.items())) for _, coefs in terms]
         self.index = [np.array(list(c), int) for c in self.coefs]
@@ -167,6 +170,12 @@ class LinearTerms:
             out.append(t)
         return out
 
+    def subset(self, points: np.ndarray) -> LinearTerms:
+        """The same terms over the points ``points`` (indices) only."""
+        pick = lambda v: v[points] if np.ndim(v) else v  # noqa: E731
+        return LinearTerms(self.n_params, [(pick(offset), {j: pick(v) for j, v in coefs.items()})
+                                           for offset, coefs in self.given], len(points))
+
     def astype(self, dtype: Any) -> LinearTerms:
         """A copy evaluated in ``dtype`` (e.g. float32: twice as fast, for a coarse first phase)."""
         out = copy.copy(self)
@@ -199,8 +208,8 @@ class LinearLogSumObjective:
     """
 
     def __init__(self, terms: LinearTerms, log_loss: np.ndarray, delta: float = HUBER_DELTA,
-                 weights: np.ndarray | None = None):
-        self.terms, self.delta = terms, delta
+                 weights: np.ndarray | None = None, per: int = 1):
+        self.terms, self.delta, self.per = terms, delta, per
         self.y = np.asarray(log_loss, terms.dtype)
         self.weights = None if weights is None else np.asarray(weights, terms.dtype)
         self.block = max(1, 12000 // terms.n)
@@ -220,11 +229,11 @@ class LinearLogSumObjective:
         parts = [np.exp(t - top) if shift else np.exp(t, out=t) for t in terms]
         total = _total(parts)
         r = np.log(total)
-        r -= self.y if self.y.ndim == 1 else self.y[rows]
+        r -= self.y if self.y.ndim == 1 else self.y[rows // self.per]
         if shift:
             r += top
         c = np.clip(r, -self.delta, self.delta)  # ψ(r); Huber(r) = ψ·(r − ψ/2)
-        w = None if self.weights is None else self.weights[rows]
+        w = None if self.weights is None else self.weights[rows // self.per]
         if w is None:
             f = np.einsum("ij,ij->i", c, r) - 0.5 * np.einsum("ij,ij->i", c, c)
         else:
@@ -280,8 +289,9 @@ def solve(terms: Terms | LinearTerms, log_loss: np.ndarray, starts: np.ndarray, 
     Problems are the rows of ``weights`` and/or of a 2-D ``log_loss`` (one problem if neither); ``starts`` is
     (S, p), shared, or (R, S, p), per problem. ``LinearTerms`` (Chinchilla) run by damped Newton with the
     analytic Hessian (``scaling.optimize.newton``) to a 1e-10 relative decrease. A grid of starts (not
-    ``precise``) is pruned by PRUNE and takes its first PRUNE.until steps in single precision (thousands of
-    starts far from any minimum; the survivors go on in double precision); its warm starts for bootstrap refits
+    ``precise``) is pruned by PRUNE and takes its first PRUNE.until steps in single precision over at most
+    COARSE_POINTS of the points (thousands of starts far from any minimum; the survivors go on in double
+    precision over all points); its warm starts for bootstrap refits
     (``candidates``) are the distinct basins within PRUNE.last of the best. Other terms run by batched L-BFGS
     with scipy's L-BFGS-B tolerances for at most GRID_ITERATIONS steps, or with ``precise`` (warm starts:
     bootstrap refits, profiles) to a 1e-10 relative decrease. ``polish`` (point fits) then runs the first
@@ -291,19 +301,17 @@ def solve(terms: Terms | LinearTerms, log_loss: np.ndarray, starts: np.ndarray, 
     n_prob = max(1 if weights is None else len(weights), 1 if log_loss.ndim == 1 else len(log_loss))
     starts = np.broadcast_to(starts, (n_prob, *starts.shape[-2:]))
     n_start = starts.shape[1]
-    expand = lambda a: None if a is None else np.repeat(a, n_start, axis=0)  # noqa: E731
-    y = log_loss if log_loss.ndim == 1 else expand(log_loss)
     x0 = starts.reshape(-1, starts.shape[-1])
     linear = isinstance(terms, LinearTerms)
     with np.errstate(all="ignore"):
         if linear:
-            grid = {} if precise else {"prune": PRUNE, "coarse": (LinearLogSumObjective(
-                terms.astype(np.float32), y, delta, expand(weights)), PRUNE.until)}
-            res = newton(LinearLogSumObjective(terms, y, delta, expand(weights)), x0, free=free,
+            grid = {} if precise else {"prune": PRUNE, "coarse": (_coarse(terms, log_loss, delta, weights, n_start),
+                                                                  PRUNE.until)}
+            res = newton(LinearLogSumObjective(terms, log_loss, delta, weights, per=n_start), x0, free=free,
                          scale=terms.scale(), groups=np.repeat(np.arange(n_prob), n_start), **grid)
         else:
             tolerances = {"ftol": 1e-10, "fatol": 0.0, "gtol": 0.0} if precise else {"max_iter": GRID_ITERATIONS}
-            res = lbfgs(LogSumObjective(terms, y, delta, expand(weights)), x0, free=free, **tolerances)
+            res = lbfgs(LogSumObjective(terms, log_loss, delta, weights, per=n_start), x0, free=free, **tolerances)
     fun = np.where(np.isfinite(res.fun), res.fun, np.inf).reshape(n_prob, n_start)
     best = np.arange(n_prob) * n_start + fun.argmin(axis=1)
     kept = np.ones(n_start, bool)
@@ -332,6 +340,18 @@ def solve(terms: Terms | LinearTerms, log_loss: np.ndarray, starts: np.ndarray, 
             x[0], f[0], ok[0] = last.x[j], last.fun[j], ok[0] or fine.converged[i]
             candidates = np.vstack([last.x[j], candidates])
     return Solution(x=x, fun=f, converged=ok & np.isfinite(f), candidates=candidates[:KEEP])
+
+
+def _coarse(terms: LinearTerms, log_loss: np.ndarray, delta: float, weights: np.ndarray | None,
+            per: int) -> LinearLogSumObjective:
+    """A Newton grid's objective for its first steps, which only steer and prune the starts: in single precision,
+    over at most COARSE_POINTS points evenly spaced through the data (thousands of starts times every point of a
+    200,000-run file would take most of the fit)."""
+    if terms.n > COARSE_POINTS:
+        points = np.linspace(0, terms.n - 1, COARSE_POINTS).round().astype(int)
+        terms, log_loss = terms.subset(points), log_loss[..., points]
+        weights = None if weights is None else weights[:, points]
+    return LinearLogSumObjective(terms.astype(np.float32), log_loss, delta, weights, per=per)
 
 
 def _distinct(x: np.ndarray, fun: np.ndarray) -> np.ndarray:

@@ -688,6 +688,23 @@ def test_cli_isoflop_json_has_vertices_and_weighted_is_wls(monkeypatch, capsys):
     assert code == 2 and "the chinchilla law has no weighted fit" in err
 
 
+def test_coarse_steps_on_a_subset_of_points_find_the_same_fit(monkeypatch):
+    """A large file's Newton grid steers and prunes its starts on evenly spaced points (``solve.COARSE_POINTS``),
+    then goes on over all of them: the same best fit as the grid over every point."""
+    frame = chinchilla_sweep(CHINCHILLA, np.random.default_rng(0))
+    terms = Chinchilla()._terms(Chinchilla()._data(frame, with_loss=False))
+    points = np.arange(0, len(frame), 3)
+    theta = np.array([[5.0, 6.0, 0.5, 0.3, 0.3]])
+    for whole, part in zip(terms.values(theta), terms.subset(points).values(theta), strict=True):
+        assert np.allclose(whole[:, points] if whole.shape[1] > 1 else whole, part, rtol=1e-12, atol=0)
+    every = Chinchilla().fit(frame)
+    monkeypatch.setattr(solve, "COARSE_POINTS", len(frame) // 3)
+    subset = Chinchilla().fit(frame)
+    assert subset.objective_ == pytest.approx(every.objective_, rel=1e-9)
+    for name, value in every.params_.items():
+        assert subset.params_[name] == pytest.approx(value, rel=1e-6), name
+
+
 def test_non_converged_fit_is_a_fit_error(monkeypatch):
     frame = chinchilla_sweep(CHINCHILLA, np.random.default_rng(0))
     real = solve.newton
