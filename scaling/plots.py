@@ -616,6 +616,8 @@ def router_load_plot(router: pd.DataFrame | None, layers: int = 4) -> ggplot | N
     data = moe_rows(router)
     if data is None:
         return None
+    if "budget" in data:  # isoFLOP points only: a trunk (no budget) is not one
+        data = data[data["budget"].notna()]
     order = [c for c in ("budget", "active_params", "run_id") if c in data]
     chosen = data.drop_duplicates("run_id").sort_values(order).groupby("sparsity")["run_id"].last()
     data = data[data["run_id"].isin(chosen)]

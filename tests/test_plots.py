@@ -165,3 +165,14 @@ def test_epochs_marks_half_value_repeats_on_the_dense_facet(drawn):
     assert len(marks) == 1 and marks[0]["x"].iloc[0] == pytest.approx(1 + 4.0 * np.log(2))
     assert list(marks[0]["variant"]) == ["dense"]
     assert plots.epochs_plot(make_points(), None, r_d_star=float("nan")) is not None
+
+
+def test_router_load_shows_isoflop_points_not_trunks():
+    """A branching sweep's trunks (no budget) are in router_stats too; the figure picks a point per sparsity."""
+    points = make_points()
+    router = make_router(points)
+    trunks = router[router.budget == router.budget.max()].assign(run_id=lambda f: "trunk-" + f.run_id,
+                                                                  budget=np.nan)
+    plot = plots.router_load_plot(pd.concat([router, trunks]))
+    assert not plot.data.run_id.str.startswith("trunk-").any()
+    plt.close(plot.draw())
