@@ -39,7 +39,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy.optimize import minimize  # noqa: E402
 
-from scaling.laws import HOFFMANN_GRID, HUBER_DELTA, Chinchilla, IsoFLOP, chinchilla_optimum  # noqa: E402
+from scaling.laws import HOFFMANN_GRID, Chinchilla, IsoFLOP, chinchilla_optimum  # noqa: E402
+from scaling.solve import HUBER_DELTA  # noqa: E402
 
 TARGET_SPEEDUP = 50.0
 TARGET_RELATIVE = 1e-6

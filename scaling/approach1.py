@@ -43,6 +43,9 @@ class CurveEnvelope(Law):
     ``envelope_`` one row per budget: C, loss, run_id, N (``x``), D, edge (best run at a sampled extreme)."""
 
     name = "CurveEnvelope"
+    title = "Chinchilla approach 1 (training curves)"
+    optimum_returns = ("C", "N_opt", "D_opt")
+    report_runs = None  # fitted to training curves, not to the runs' final losses
 
     def __init__(self, *, x: str = "active_params", points: int = 200, bootstrap: int = 0, seed: int = 0,
                  level: float = 0.95):
@@ -85,9 +88,13 @@ class CurveEnvelope(Law):
             self.notes_.append("no intervals without bootstrap")
         return self
 
-    def optimum(self, C: float, params: dict[str, float] | None = None) -> dict[str, float]:
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        """Not a loss model: the envelope of the curves is the answer (``envelope_``)."""
+        raise FitError(f"{self.name} predicts no losses; read envelope_")
+
+    def _optimum(self, C: float, params: dict[str, float], **limits: Any) -> dict[str, float]:
         """N* = k_N·C^a and D* = k_D·C^b at budget C."""
-        p = params or self.params_
+        p = params
         return {"C": float(C), "N_opt": p["k_N"] * C ** p["a"], "D_opt": p["k_D"] * C ** p["b"]}
 
     def _curves(self, frame: pd.DataFrame) -> list[dict[str, Any]]:

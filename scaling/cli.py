@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -9,6 +10,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -249,8 +251,25 @@ def assignments(pairs: tuple[str, ...], option: str, metavar: str) -> dict[str, 
     return dict(p.split("=") for p in pairs)
 
 
-def frozen_options(law: str, pairs: tuple[str, ...]) -> dict:
-    """``--freeze NAME=VALUE`` as the law's constructor options (``frozen``, or the envelope's ``l_inf``)."""
+class LawChoice(click.Choice):
+    """``--law``: the names in ``scaling.laws.LAWS``, read when the command runs (a law registered by then is a
+    choice), and approach1 (``scaling.approach1``, fitted to training curves)."""
+
+    def __init__(self) -> None:  # no fixed list: ``choices`` reads the registry
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        from scaling.laws import LAWS
+
+        return (*LAWS, "approach1")
+
+
+def law_options(law: str, pairs: tuple[str, ...], weighted: bool = False) -> dict:
+    """The law's constructor options from the command line: ``--freeze NAME=VALUE`` (``Law.freeze_options``)
+    and ``--weighted``; an option the law does not take is a usage error."""
+    from scaling.laws import LAWS, FitError
+
     values = {}
     for name, value in assignments(pairs, "--freeze", "NAME=VALUE").items():
         try:
@@ -258,21 +277,20 @@ def frozen_options(law: str, pairs: tuple[str, ...]) -> dict:
         except ValueError:
             raise click.BadParameter(f"expected NAME=VALUE with a number, got {name}={value}",
                                      param_hint="--freeze") from None
-    if not values:
-        return {}
-    if law in ("isoflop", "sparsity-vertex"):
-        raise click.BadParameter(f"the {law} law has no parameters to freeze", param_hint="--freeze")
-    if law == "envelope":
-        if set(values) != {"L_inf"}:
-            raise click.BadParameter("the envelope law can pin L_inf only", param_hint="--freeze")
-        return {"l_inf": values["L_inf"]}
-    return {"frozen": values}
+    try:
+        options = LAWS[law].freeze_options(values)
+    except FitError as e:
+        raise click.BadParameter(str(e), param_hint="--freeze") from None
+    if weighted:
+        if "weighted" not in inspect.signature(LAWS[law]).parameters:
+            raise click.BadParameter(f"the {law} law has no weighted fit", param_hint="--weighted")
+        options["weighted"] = True
+    return options
 
 
 @cli.command()
 @click.argument("sweep", required=False)
-@click.option("--law", type=click.Choice(["isoflop", "chinchilla", "data-constrained", "sparsity", "envelope",
-                                          "approach1", "sparsity-vertex"]), required=True,
+@click.option("--law", type=LawChoice(), required=True,
               help="approach1 (Chinchilla's first method) fits training curves: the sweep's stored curves, or a "
                    "--csv of curve points (run_id, params, tokens, loss[, flops]); sparsity-vertex: the optimal "
                    "sparsity under plenty and scarce data from isoFLOP vertices (needs runs at 2+ unique-token "
@@ -286,10 +304,12 @@ def frozen_options(law: str, pairs: tuple[str, ...]) -> dict:
               help="fit only the rows matching this SQL condition (on the CSV's own columns, or on the store's "
                    "isoflop_points view)")
 @click.option("--sparsity", type=click.FloatRange(0, 1, max_open=True), default=None,
-              help="fit only the runs at this sparsity S (isoflop, chinchilla and data-constrained fit one S)")
+              help="fit only the runs at this sparsity S (a law that does not model sparsity fits one S at a time)")
 @click.option("--freeze", "freeze", multiple=True, metavar="NAME=VALUE",
               help="hold a parameter at a value (repeatable), e.g. --freeze alpha=0.35 (chinchilla, "
                    "data-constrained, sparsity) or --freeze L_inf=1.8 (envelope)")
+@click.option("--weighted", is_flag=True,
+              help="isoflop: fit N*(C) and D*(C) by WLS, weighting each vertex by its precision [default: OLS]")
 @click.option("--bootstrap", type=int, default=0, show_default=True, help="bootstrap resamples over runs")
 @click.option("--budget", type=float, default=None, help="FLOP budget C for the compute-optimal answer")
 @click.option("--unique-tokens", type=float, default=None, help="unique-token limit U for the answer")
@@ -299,15 +319,15 @@ def frozen_options(law: str, pairs: tuple[str, ...]) -> dict:
 @DB
 @FORMAT
 def fit(sweep: str | None, law: str, csv_path: str | None, columns: tuple[str, ...], where: str | None,
-        sparsity: float | None, freeze: tuple[str, ...], bootstrap: int, budget: float | None,
+        sparsity: float | None, freeze: tuple[str, ...], weighted: bool, bootstrap: int, budget: float | None,
         unique_tokens: float | None, seed: int, holdout: int | None, db: str | None, fmt: str) -> None:
     """Fit a scaling law to a sweep's runs (saved in the store) or to a CSV."""
     if law == "approach1":
         fit_approach1(sweep, csv_path, columns, where, sparsity, bootstrap, budget, seed, db, fmt)
         return
     if holdout is not None:
-        fit_holdout(sweep, law, csv_path, columns, where, sparsity, freeze, bootstrap, budget, unique_tokens,
-                    seed, holdout, db, fmt)
+        fit_holdout(sweep, law, csv_path, columns, where, sparsity, law_options(law, freeze, weighted), bootstrap,
+                    budget, unique_tokens, seed, holdout, db, fmt)
         return
 
     if columns and not csv_path:
@@ -315,7 +335,7 @@ def fit(sweep: str | None, law: str, csv_path: str | None, columns: tuple[str, .
     if sparsity is not None and not math.isfinite(sparsity):  # FloatRange lets NaN through
         raise click.BadParameter(f"{sparsity} is not a sparsity in [0, 1)", param_hint="--sparsity")
     options = dict(where=where, sparsity=sparsity, bootstrap=bootstrap, budget=budget, unique_tokens=unique_tokens,
-                   seed=seed, **frozen_options(law, freeze))
+                   seed=seed, **law_options(law, freeze, weighted))
     if not csv_path and not sweep:
         raise click.UsageError("give a SWEEP (from the store) or --csv PATH")
     show_progress()
@@ -436,7 +456,7 @@ def fit_approach1(sweep: str | None, csv_path: str | None, columns: tuple[str, .
 
 
 def fit_holdout(sweep: str | None, law: str, csv_path: str | None, columns: tuple[str, ...], where: str | None,
-                sparsity: float | None, freeze: tuple[str, ...], bootstrap: int, budget: float | None,
+                sparsity: float | None, options: dict[str, Any], bootstrap: int, budget: float | None,
                 unique_tokens: float | None, seed: int, k: int, db: str | None, fmt: str) -> None:
     """``fit --holdout-largest K``: the fit on the smaller budgets, then the held-out runs (csv: those only)."""
     import pandas as pd
@@ -451,7 +471,7 @@ def fit_holdout(sweep: str | None, law: str, csv_path: str | None, columns: tupl
     else:
         raise click.UsageError("give a SWEEP (from the store) or --csv PATH")
     result = holdout_fit(frame, law, k, bootstrap=bootstrap, seed=seed, budget=budget, unique_tokens=unique_tokens,
-                         **frozen_options(law, freeze))
+                         **options)
     runs = pd.DataFrame(result["holdout"]["runs"])
     if fmt == "json":
         emit_json(result)

@@ -9,12 +9,11 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from scaling.laws import LAWS, FitError, fit_law, summarize
+from scaling.laws import LAWS, FitError, fit_law, result_rows, summarize
 from scaling.sparsity_vertex import SparsityVertex, law_checks
 from scaling.sqlquery import QueryError, read_only_statement
 from scaling.store import connect, literal, save_fit
 
-ONE_SPARSITY = ("isoflop", "chinchilla", "data-constrained")  # the laws that know nothing of sparsity
 NUMERIC = ("params", "active_params", "tokens", "unique_tokens", "sparsity", "flops", "loss")  # the convention
 
 
@@ -152,7 +151,7 @@ def levels(sparsity: pd.Series) -> str:
 
 def one_sparsity(frame: pd.DataFrame, law: str, source: str | Path) -> pd.DataFrame:
     """The points, unless ``law`` knows nothing of sparsity and they mix several levels."""
-    if law in ONE_SPARSITY and frame["sparsity"].nunique() > 1:
+    if law in LAWS and not LAWS[law].uses_sparsity and frame["sparsity"].nunique() > 1:
         raise FitError(f"the {law} law fits one sparsity at a time and {source} has runs at sparsities "
                        f"{levels(frame['sparsity'])}: choose one with --sparsity (or fit --law sparsity or "
                        "envelope, which model sparsity)")
@@ -190,12 +189,16 @@ def sweep_points(db: str | None, sweep: str, where: str | None = None,
     return frame
 
 
+FIT_ARGUMENTS = ("bootstrap", "budget", "unique_tokens", "seed", "level")
+"""``fit_law``'s own arguments; every other option is the law's (``--freeze``, ``--weighted``), saved to refit it."""
+
+
 def fit_sweep(db: str | None, sweep: str, law: str, where: str | None = None, sparsity: float | None = None,
               **options: Any) -> dict[str, Any]:
     """Fit a law to a sweep's finished runs (optionally selected) and save it in the ``fits`` table."""
     frame = one_sparsity(sweep_points(db, sweep, where, sparsity), law, f"sweep {sweep!r}")
     result = fit_checked(frame, law, **options)
-    result["options"] = {k: options[k] for k in ("frozen", "l_inf") if k in options}  # to refit it (predict)
+    result["options"] = {k: v for k, v in options.items() if k not in FIT_ARGUMENTS}  # to refit it (predict)
     con = connect(db)
     try:
         save_fit(con, sweep, result, selection=points_sql(where, sparsity, literal(sweep)))
@@ -205,12 +208,5 @@ def fit_sweep(db: str | None, sweep: str, law: str, where: str | None = None, sp
 
 
 def result_table(result: dict[str, Any]) -> pd.DataFrame:
-    """Parameters and optimum as rows: name, value, ci_lo, ci_hi."""
-    rows = []
-    for kind, values in (("param", result.get("params", {})), ("optimum", result.get("optimum", {}))):
-        for name, value in values.items():
-            if not isinstance(value, (int, float, np.floating)):
-                continue
-            lo, hi = (result.get("ci", {}).get(name) or [np.nan, np.nan])[:2]
-            rows.append({"kind": kind, "name": name, "value": float(value), "ci_lo": lo, "ci_hi": hi})
-    return pd.DataFrame(rows, columns=["kind", "name", "value", "ci_lo", "ci_hi"])
+    """Parameters and optimum as rows: kind, name, value, ci_lo, ci_hi (``laws.result_rows``)."""
+    return result_rows(result)

@@ -14,8 +14,6 @@ import pandas as pd
 from scaling.laws import LAWS, FitError, budget_groups, summarize
 from scaling.predict import parametric, prediction_table
 
-FLOOR = {"chinchilla": "E", "data-constrained": "E", "sparsity": "e"}  # each law's irreducible loss
-
 
 def holdout_fit(frame: pd.DataFrame, law: str, k: int, *, bootstrap: int = 0, seed: int = 0, level: float = 0.95,
                 budget: float | None = None, unique_tokens: float | None = None, **options: Any) -> dict[str, Any]:
@@ -36,7 +34,7 @@ def holdout_fit(frame: pd.DataFrame, law: str, k: int, *, bootstrap: int = 0, se
     table = prediction_table(model, train, test.drop(columns="loss"), level=level, seed=seed)
     table = table.rename(columns={"loss": "predicted"}).assign(observed=test["loss"].to_numpy(float),
                                                                budget=budgets[held])
-    floor = model.params_[FLOOR[law]]
+    floor = model.params_[model.floor]
     table["error"] = table["predicted"] - table["observed"]
     table["error_fraction"] = table["error"].abs() / (table["observed"] - floor)
     table["covered"] = (table["pi_lo"] <= table["observed"]) & (table["observed"] <= table["pi_hi"])
@@ -52,7 +50,7 @@ def holdout_fit(frame: pd.DataFrame, law: str, k: int, *, bootstrap: int = 0, se
     result["notes"].append(
         f"holdout: fitted on {summary['n_fitted']} runs below C = {levels[-k]:.3g}; the {summary['n_held_out']} "
         f"held-out runs are off by {summary['mean_abs_error']:.3g} nats on average (max "
-        f"{summary['max_abs_error']:.3g}), {summary['mean_error_fraction']:.1%} of their loss above {FLOOR[law]} "
+        f"{summary['max_abs_error']:.3g}), {summary['mean_error_fraction']:.1%} of their loss above {model.floor} "
         f"(max {summary['max_error_fraction']:.1%})"
         + (f"; {level:.0%} prediction intervals cover {summary['coverage']:.0%} of them" if bootstrap
            else "; give --bootstrap N for the prediction intervals' coverage"))

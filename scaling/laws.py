@@ -1,9 +1,11 @@
 """Scaling laws and the fitting engine.
 
-Five laws, each a small estimator with the same shape: ``Law(options).fit(frame)`` returns the law with
+The laws, each a small estimator with the same shape (``Law``): ``Law(options).fit(frame)`` returns the law with
 ``params_`` (name → value), ``ci_`` (name → (lo, hi)), ``objective_``, ``n_points_``, ``notes_`` and
-``bootstrap_`` (the bootstrap samples, or None); ``predict(frame)`` gives the loss and ``optimum(C, …)`` the
-compute-optimal allocation. ``fit_law`` wraps them for the CLI and the report as one JSON-serialisable dict.
+``bootstrap_`` (the bootstrap samples, or None); ``predict(frame)`` gives the loss and ``optimum(C, **limits)``
+the compute-optimal allocation. ``LAWS`` (command name → class) is the one list of them: the command's choices,
+the fitting front end and the report read it and each class's declarations. ``fit_law`` wraps a law for the CLI
+and the report as one JSON-serialisable dict, ``result_rows`` turns that into the rows everything shows and stores.
 
 Input columns (each law uses only some): ``params`` (total N), ``active_params``, ``tokens`` (D),
 ``unique_tokens`` (U), ``sparsity`` (S = (E − k)/E, 0 for dense), ``flops`` (C), ``budget`` (optional: the
@@ -12,28 +14,26 @@ planned budget, used instead of grouping ``flops``), ``loss``, ``run_id`` (the b
 The parametric laws are fitted the way Hoffmann et al. (2022) and Besiroglu et al. (Epoch AI, 2024) fit
 Chinchilla's approach 3: log L̂ = LSE(terms), each term the log of one additive part of the loss; objective =
 SUM over runs of Huber_δ(log L̂ − log L), δ = 1e-3; a local minimisation from each start of a grid, the best
-kept. All starts, and all bootstrap resamples, run together as one batch (``scaling.optimize``): laws whose
-log-terms are linear in the parameters (Chinchilla, also as the base stage of DataConstrained) by damped
-Newton with analytic Hessians, starts that fall clearly behind dropped on the way (``PRUNE``); the others by
-L-BFGS, as Hoffmann et al. did.
+kept (``scaling.solve``). Laws whose log-terms are linear in the parameters (Chinchilla, also as the base
+stage of DataConstrained) run by damped Newton with analytic Hessians; the others by L-BFGS, as Hoffmann et al.
+did.
 """
 
 from __future__ import annotations
 
+import abc
 import copy
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 
 from scaling.bootstrap import percentile_intervals, resample_weights
-from scaling.optimize import Prune, lbfgs, newton
+from scaling.solve import HUBER_DELTA, LinearTerms, LogSumObjective, Solution, Terms, solve
 
-HUBER_DELTA = 1e-3
 HOFFMANN_GRID = {"a": np.arange(0, 30, 5.0), "b": np.arange(0, 30, 5.0), "e": np.arange(-1, 1.5, 0.5),
                  "alpha": np.arange(0, 2.5, 0.5), "beta": np.arange(0, 2.5, 0.5)}
 """Hoffmann et al.'s (2022) start grid for approach 3 (4,500 starts), as in Epoch AI's replication."""
@@ -45,15 +45,6 @@ SPARSITY_GRID = {"log_e": (-0.5, 0.5), "log_a": (5.0, 15.0), "alpha": (0.3, 0.8)
                  "beta": (0.3, 0.8), "log_c": (-5.0, 0.0), "lambda": (-0.5, 0.5), "log_d": (5.0, 15.0),
                  "delta": (0.0, 1.0), "gamma": (0.3, 0.8)}
 """Two values per parameter of Abnar et al.'s (2025) Eq. 6 in log-space form (1,024 starts)."""
-KEEP = 24  # distinct basins kept from a point fit as warm starts for its bootstrap refits
-GRID_ITERATIONS = 200  # per start of an L-BFGS grid; the best distinct end points are then polished to convergence
-PRUNE = Prune(after=2, until=5, first=10.0, last=2.0, keep=32, patience=40)
-"""Newton grids: from step 2 a start whose objective is over 10 times its problem's best so far (the factor
-shrinking to 2 by step 5) and that is not among the 32 best is dropped, and from step 40 every start still
-running behind its problem's best. On Epoch's Chinchilla points hundreds of the starts that end in the best
-basin stay within those factors at every step and the 8 best are all in it from step 2; the best start gets
-there by step ~35, and the best objective equals scipy's best over all 4,500 starts (benchmarks/fit_speed.py)."""
-Terms = Callable[[np.ndarray], tuple[list[np.ndarray], list[list[tuple[int, Any]]]]]
 
 
 class FitError(ValueError):
@@ -106,325 +97,6 @@ def _label(sparsity: float) -> str:
     return f"S{sparsity:g}"
 
 
-# ---------------------------------------------------------------------------------------- the objective
-
-
-class LogSumObjective:
-    """Σ_i w_i·Huber_δ(LSE_k t_k(θ; x_i) − log L_i) and its gradient, for a batch of parameter vectors θ.
-
-    ``terms(theta)`` returns the K log-terms t_k, each (b, n) or (b, 1) (the latter free of data, so with
-    scalar derivatives only), and for each parameter j the pairs (k, ∂t_k/∂θ_j) with the derivative a scalar,
-    an (n,) or a (b, n) array. ``log_loss`` is (n,) or one row per problem, ``weights`` (bootstrap counts)
-    one row per problem. Problems are evaluated in blocks of at most ~12,000 elements: arrays under glibc's
-    128 KiB mmap threshold are reused rather than page-faulted in afresh by every operation (4x faster here).
-    """
-
-    def __init__(self, terms: Terms, log_loss: np.ndarray, delta: float = HUBER_DELTA,
-                 weights: np.ndarray | None = None):
-        self.terms, self.y, self.delta, self.weights = terms, log_loss, delta, weights
-        self.block = max(1, 12000 // log_loss.shape[-1])
-
-    def __call__(self, theta: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        f, g = np.empty(len(theta)), np.empty(theta.shape)
-        with np.errstate(over="ignore", invalid="ignore"):  # an overflowing exp is redone shifted
-            for i in range(0, len(theta), self.block):
-                part = slice(i, i + self.block)
-                f[part], g[part] = self._block(theta[part], rows[part])
-        return f, g
-
-    def log_prediction(self, theta: np.ndarray) -> np.ndarray:
-        """log L̂ = LSE of the terms, (b, n)."""
-        terms, _ = self.terms(theta)
-        top = _lse_max(terms)
-        return top + np.log(_total([np.exp(t - top) for t in terms]))
-
-    def _block(self, theta: np.ndarray, rows: np.ndarray,
-               shift: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        terms, jac = self.terms(theta)
-        y = self.y if self.y.ndim == 1 else self.y[rows]
-        top = _lse_max(terms) if shift else 0.0  # unshifted by default: terms of shape (b, 1) stay narrow
-        parts = [np.exp(t - top) for t in terms]
-        total = _total(parts)
-        r = np.log(total) - y + top
-        c = np.clip(r, -self.delta, self.delta)  # Huber'(r); Huber(r) = c·(r − c/2)
-        if self.weights is not None:
-            w = self.weights[rows]
-            f = np.einsum("ij,ij,ij->i", w, c, r) - 0.5 * np.einsum("ij,ij,ij->i", w, c, c)
-            c *= w
-        else:
-            f = np.einsum("ij,ij->i", c, r) - 0.5 * np.einsum("ij,ij->i", c, c)
-        c /= total
-        q = [c * p if p.shape[1] > 1 else p for p in parts]  # ∂f/∂t_k per point (narrow terms: summed below)
-        sums = [qk.sum(axis=1) if p.shape[1] > 1 else p[:, 0] * c.sum(axis=1)
-                for qk, p in zip(q, parts, strict=True)]
-        g = np.zeros(theta.shape)
-        for j, pairs in enumerate(jac):
-            for k, d in pairs:
-                if np.ndim(d) == 0:
-                    g[:, j] += d * sums[k]
-                elif np.ndim(d) == 1:
-                    g[:, j] += np.dot(q[k], d)
-                else:
-                    g[:, j] += np.einsum("ij,ij->i", q[k], d)
-        bad = ~np.isfinite(r).all(axis=1)
-        if bad.any() and not shift:  # overflow or underflow: these problems again with the max-shifted LSE
-            f[bad], g[bad] = self._block(theta[bad], rows[bad], shift=True)
-        return f, g
-
-
-def _lse_max(terms: list[np.ndarray]) -> np.ndarray:
-    top = terms[0]
-    for t in terms[1:]:
-        top = np.maximum(top, t)
-    return top
-
-
-def _total(parts: list[np.ndarray]) -> np.ndarray:
-    """Sum of the exponentiated terms, full-width parts first so that the narrow ones add in place."""
-    parts = sorted(parts, key=lambda p: -p.shape[1])
-    total = parts[0] + parts[1] if len(parts) > 1 else parts[0].copy()
-    for p in parts[2:]:
-        total += p
-    return total
-
-
-class LinearTerms:
-    """Log-terms linear in the parameters: t_k = offset_k + Σ_j coef_kj·θ_j, each offset and coefficient a
-    scalar or one value per point (n,). Laws of this form (Chinchilla's t = (a − α·log N, b − β·log D, e))
-    have an analytic Hessian cheap enough for Newton's method (``LinearLogSumObjective``); called with θ
-    they give the terms and their derivatives like any ``Terms`` function (for ``LogSumObjective``)."""
-
-    def __init__(self, n_params: int, terms: Sequence[tuple[Any, dict[int, Any]]], n_points: int):
-        self.n_params, self.n = n_params, n_points
-        self.offsets = [offset for offset, _ in terms]
-        self.coefs = [dict(sorted(coefs.items())) for _, coefs in terms]
-        self.index = [np.array(list(c), int) for c in self.coefs]
-        # a narrow term (the same value at every point, e.g. e) is evaluated (b, 1) wide
-        narrow = [np.ndim(o) == 0 and all(np.ndim(v) == 0 for v in c.values())
-                  for o, c in zip(self.offsets, self.coefs, strict=True)]
-        self.matrix = [np.array([np.broadcast_to(np.asarray(v, float), (1 if thin else n_points,))
-                                 for v in c.values()]) for c, thin in zip(self.coefs, narrow, strict=True)]
-        full = [np.array([np.broadcast_to(np.asarray(v, float), (n_points,)) for v in c.values()])
-                for c in self.coefs]
-        self.gradient_coefs = [m.T.copy() for m in full]  # (n, |J_k|)
-        # Hessian: for each pair of terms k ≤ m, the products coef_kj·coef_mi per point (n, |J_k|·|J_m|); the
-        # sums over points of (weights × products) of all pairs, side by side, times ``hessian_scatter`` give
-        # the flattened (p, p) matrix (both triangles)
-        self.pairs: list[tuple[int, int, np.ndarray, slice]] = []
-        scatter = []
-        for k, m in itertools.combinations_with_replacement(range(len(terms)), 2):
-            products = (full[k][:, None, :] * full[m][None, :, :]).reshape(-1, n_points).T.copy()
-            rows, cols = (a.ravel() for a in np.meshgrid(self.index[k], self.index[m], indexing="ij"))
-            columns = slice(len(scatter), len(scatter) + len(rows))
-            for r, c in zip(rows, cols, strict=True):
-                entry = np.zeros(n_params * n_params)
-                entry[r * n_params + c] += 1
-                if k != m:
-                    entry[c * n_params + r] += 1
-                scatter.append(entry)
-            self.pairs.append((k, m, products, columns))
-        self.hessian_scatter = np.array(scatter)
-        self.dtype = np.dtype(float)
-
-    def __call__(self, theta: np.ndarray) -> tuple[list[np.ndarray], list[list[tuple[int, Any]]]]:
-        jac: list[list[tuple[int, Any]]] = [[] for _ in range(self.n_params)]
-        for k, coefs in enumerate(self.coefs):
-            for j, v in coefs.items():
-                jac[j].append((k, v))
-        return self.values(theta), jac
-
-    def values(self, theta: np.ndarray) -> list[np.ndarray]:
-        """t_k for a batch θ (b, p): (b, n), or (b, 1) for a narrow term."""
-        theta = theta.astype(self.dtype, copy=False)
-        out = []
-        for j, m, o in zip(self.index, self.matrix, self.offsets, strict=True):
-            t = theta[:, j] @ m
-            if not isinstance(o, float) or o != 0.0:
-                t += o
-            out.append(t)
-        return out
-
-    def astype(self, dtype: Any) -> LinearTerms:
-        """A copy evaluated in ``dtype`` (e.g. float32: twice as fast, for a coarse first phase)."""
-        out = copy.copy(self)
-        out.offsets = [np.asarray(o, dtype) if np.ndim(o) else o for o in self.offsets]
-        out.matrix = [m.astype(dtype) for m in self.matrix]
-        out.gradient_coefs = [m.astype(dtype) for m in self.gradient_coefs]
-        out.pairs = [(k, m, products.astype(dtype), columns) for k, m, products, columns in self.pairs]
-        out.hessian_scatter = self.hessian_scatter.astype(dtype)
-        out.dtype = np.dtype(dtype)
-        return out
-
-    def scale(self) -> np.ndarray:
-        """Per parameter, the largest change of a term per unit change of the parameter (Newton's damping
-        metric: a unit step in these units moves no term by more than about 1)."""
-        out = np.zeros(self.n_params)
-        for coefs in self.coefs:
-            for j, v in coefs.items():
-                out[j] = max(out[j], float(np.max(np.abs(v))))
-        return np.where(out > 0, out, 1.0)
-
-
-class LinearLogSumObjective:
-    """``LogSumObjective`` for ``LinearTerms`` with the Hessian: (f, g, H) for a batch of θ.
-
-    With p_k = softmax(t)_k, the residual r = LSE(t) − log L has ∇r = Σ_k p_k·u_k (u_k = ∂t_k/∂θ) and
-    ∇²r = Σ_k p_k·u_k·u_kᵀ − ∇r·∇rᵀ (the terms are linear), so with Huber's ψ = clip(r, ±δ) and
-    ψ′ = 1{|r| < δ}: H = Σ_i w_i·[(ψ′ − ψ)·∇r·∇rᵀ + ψ·Σ_k p_k·u_k·u_kᵀ] (Huber's second derivative where it
-    exists, the inner side's at |r| = δ). Every entry is a sum over points of (ψ′ − ψ)·p_k·p_m (+ ψ·p_k when
-    k = m) times a product of coefficients: one matrix product per pair of terms.
-    """
-
-    def __init__(self, terms: LinearTerms, log_loss: np.ndarray, delta: float = HUBER_DELTA,
-                 weights: np.ndarray | None = None):
-        self.terms, self.delta = terms, delta
-        self.y = np.asarray(log_loss, terms.dtype)
-        self.weights = None if weights is None else np.asarray(weights, terms.dtype)
-        self.block = max(1, 12000 // terms.n)
-
-    def __call__(self, theta: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        p = self.terms.n_params
-        f, g, h = np.empty(len(theta)), np.empty(theta.shape), np.empty((len(theta), p * p))
-        with np.errstate(over="ignore", invalid="ignore"):  # an overflowing exp is redone shifted
-            for i in range(0, len(theta), self.block):
-                part = slice(i, i + self.block)
-                f[part], g[part], h[part] = self._block(theta[part], rows[part])
-        return f, g, h.reshape(-1, p, p)
-
-    def _block(self, theta: np.ndarray, rows: np.ndarray, shift: bool = False) -> tuple[np.ndarray, ...]:
-        terms = self.terms.values(theta)
-        top = _lse_max(terms) if shift else 0.0  # unshifted unless that over- or underflows
-        parts = [np.exp(t - top) if shift else np.exp(t, out=t) for t in terms]
-        total = _total(parts)
-        r = np.log(total)
-        r -= self.y if self.y.ndim == 1 else self.y[rows]
-        if shift:
-            r += top
-        c = np.clip(r, -self.delta, self.delta)  # ψ(r); Huber(r) = ψ·(r − ψ/2)
-        w = None if self.weights is None else self.weights[rows]
-        if w is None:
-            f = np.einsum("ij,ij->i", c, r) - 0.5 * np.einsum("ij,ij->i", c, c)
-        else:
-            f = np.einsum("ij,ij,ij->i", w, c, r) - 0.5 * np.einsum("ij,ij,ij->i", w, c, c)
-        bad = ~np.isfinite(f)  # a residual over- or underflowed (ψ·r is then ±inf or NaN)
-        if bad.any() and not shift:  # these problems again with the max-shifted LSE
-            b, p = len(theta), self.terms.n_params
-            out = (np.empty(b), np.empty((b, p)), np.empty((b, p * p)))
-            for sel, again in ((~bad, False), (bad, True)):
-                if sel.any():
-                    for whole, value in zip(out, self._block(theta[sel], rows[sel], again), strict=True):
-                        whole[sel] = value
-            return out
-        s = (c == r) - c  # ψ′ − ψ
-        if w is not None:
-            c *= w
-            s *= w
-        inv = np.reciprocal(total, out=total)
-        prob = [np.multiply(part, inv, out=part) if part.shape == inv.shape else part * inv
-                for part in parts]  # p_k, (b, n)
-        cp = [c * pk for pk in prob]  # ψ·p_k: the gradient's weight of term k
-        sp = [s * pk for pk in prob]
-        g = np.zeros(theta.shape)
-        for j, coefs, q in zip(self.terms.index, self.terms.gradient_coefs, cp, strict=True):
-            g[:, j] += q @ coefs
-        sums = np.empty((len(theta), len(self.terms.hessian_scatter)))
-        for k, m, products, columns in self.terms.pairs:
-            if k == m:
-                weight = sp[k] * prob[k]
-                weight += cp[k]
-            else:
-                weight = sp[k] * prob[m]
-            sums[:, columns] = weight @ products
-        return f, g, sums @ self.terms.hessian_scatter
-
-
-@dataclass(frozen=True)
-class Solution:
-    """Best parameters per problem (R, p), their objective and convergence (R,), and the distinct best end
-    points of the first problem (warm starts for bootstrap refits)."""
-
-    x: np.ndarray
-    fun: np.ndarray
-    converged: np.ndarray
-    candidates: np.ndarray
-
-
-def solve(terms: Terms | LinearTerms, log_loss: np.ndarray, starts: np.ndarray, free: np.ndarray, *,
-          weights: np.ndarray | None = None, delta: float = HUBER_DELTA, polish: bool = False,
-          precise: bool = False) -> Solution:
-    """Minimise the log-space Huber objective from every start, for every problem, in one batched run.
-
-    Problems are the rows of ``weights`` and/or of a 2-D ``log_loss`` (one problem if neither); ``starts`` is
-    (S, p), shared, or (R, S, p), per problem. ``LinearTerms`` (Chinchilla) run by damped Newton with the
-    analytic Hessian (``scaling.optimize.newton``) to a 1e-10 relative decrease. A grid of starts (not
-    ``precise``) is pruned by PRUNE and takes its first PRUNE.until steps in single precision (thousands of
-    starts far from any minimum; the survivors go on in double precision); its warm starts for bootstrap refits
-    (``candidates``) are the distinct basins within PRUNE.last of the best. Other terms run by batched L-BFGS
-    with scipy's L-BFGS-B tolerances for at most GRID_ITERATIONS steps, or with ``precise`` (warm starts:
-    bootstrap refits, profiles) to a 1e-10 relative decrease. ``polish`` (point fits) then runs the first
-    problem's best distinct end points on to convergence and the best of them to the precision of the
-    arithmetic.
-    """
-    n_prob = max(1 if weights is None else len(weights), 1 if log_loss.ndim == 1 else len(log_loss))
-    starts = np.broadcast_to(starts, (n_prob, *starts.shape[-2:]))
-    n_start = starts.shape[1]
-    expand = lambda a: None if a is None else np.repeat(a, n_start, axis=0)  # noqa: E731
-    y = log_loss if log_loss.ndim == 1 else expand(log_loss)
-    x0 = starts.reshape(-1, starts.shape[-1])
-    linear = isinstance(terms, LinearTerms)
-    with np.errstate(all="ignore"):
-        if linear:
-            grid = {} if precise else {"prune": PRUNE, "coarse": (LinearLogSumObjective(
-                terms.astype(np.float32), y, delta, expand(weights)), PRUNE.until)}
-            res = newton(LinearLogSumObjective(terms, y, delta, expand(weights)), x0, free=free,
-                         scale=terms.scale(), groups=np.repeat(np.arange(n_prob), n_start), **grid)
-        else:
-            tolerances = {"ftol": 1e-10, "fatol": 0.0, "gtol": 0.0} if precise else {"max_iter": GRID_ITERATIONS}
-            res = lbfgs(LogSumObjective(terms, y, delta, expand(weights)), x0, free=free, **tolerances)
-    fun = np.where(np.isfinite(res.fun), res.fun, np.inf).reshape(n_prob, n_start)
-    best = np.arange(n_prob) * n_start + fun.argmin(axis=1)
-    kept = np.ones(n_start, bool)
-    if linear:  # warm starts from the basins not clearly dominated (PRUNE's rule) only
-        kept = ~res.pruned[:n_start] & (fun[0] <= PRUNE.last * fun[0].min())
-    candidates = _distinct(res.x[:n_start][kept], fun[0][kept])
-    x, f, ok = res.x[best], res.fun[best], res.converged[best]
-    if polish and np.isfinite(fun[0]).any():
-        first = None if weights is None else np.repeat(weights[:1], len(candidates), axis=0)
-        y = log_loss if log_loss.ndim == 1 else log_loss[0]
-        with np.errstate(all="ignore"):
-            if linear:  # on until a step gains nothing above rounding
-                fine = newton(LinearLogSumObjective(terms, y, delta, first), candidates, free=free,
-                              scale=terms.scale(), ftol=1e-15)
-                i = j = int(np.argmin(np.where(np.isfinite(fine.fun), fine.fun, np.inf)))
-                last = fine
-            else:
-                objective = LogSumObjective(terms, y, delta, first)
-                fine = lbfgs(objective, candidates, free=free)  # to convergence by scipy's rules
-                i = int(np.argmin(np.where(np.isfinite(fine.fun), fine.fun, np.inf)))
-                # then the best alone to a 1e-12 relative decrease (1e-18 per run: below float64 log residuals)
-                last = lbfgs(objective, fine.x[i:i + 1], free=free, ftol=1e-12,
-                             fatol=1e-18 * log_loss.shape[-1], gtol=0.0)
-                j = 0
-        if last.fun[j] <= f[0]:
-            x[0], f[0], ok[0] = last.x[j], last.fun[j], ok[0] or fine.converged[i]
-            candidates = np.vstack([last.x[j], candidates])
-    return Solution(x=x, fun=f, converged=ok & np.isfinite(f), candidates=candidates[:KEEP])
-
-
-def _distinct(x: np.ndarray, fun: np.ndarray) -> np.ndarray:
-    """The best finite end point and up to KEEP − 1 next best from other basins (differing by about 1 in a
-    log-coefficient or an exponent): warm starts that let the bootstrap refits of a weakly identified law move
-    between its near-equivalent optima instead of staying in the point estimate's."""
-    seen, out = set(), []
-    for i in np.argsort(fun):
-        if not np.isfinite(fun[i]) or len(out) == KEEP:
-            break
-        key = tuple(np.round(x[i]))
-        if key not in seen:
-            seen.add(key)
-            out.append(x[i])
-    return np.array(out) if out else x[:1]
-
 
 def _effective(log_unique: np.ndarray, repeats: np.ndarray, log_r_star: np.ndarray) -> tuple[np.ndarray, ...]:
     """Muennighoff et al. (2023): X′ = U + U·R*·(1 − exp(−R/R*)) as log X′, with its derivatives
@@ -440,19 +112,88 @@ def _effective(log_unique: np.ndarray, repeats: np.ndarray, log_r_star: np.ndarr
 # ---------------------------------------------------------------------------------------- base classes
 
 
-class Law:
-    """Shared attributes and the bootstrap over runs; subclasses add ``fit``, ``predict`` and ``optimum``."""
+class Law(abc.ABC):
+    """A scaling law: ``fit(frame)`` returns the law fitted, ``predict(frame)`` its loss per row (a FitError before
+    ``fit``), ``optimum(C, **limits)`` the compute-optimal answer at budget C. The class attributes say what the
+    command (``--law`` choices, ``--freeze``, ``--sparsity``), the fitting front end and the report need to know,
+    so that a new law is one subclass plus one line in ``LAWS``.
+    """
 
     name: ClassVar[str]
+    """The law's name in messages (``LAWS`` holds the command's name for it)."""
+    title: ClassVar[str]
+    """What the report calls it (the paper it follows)."""
+    uses_sparsity: ClassVar[bool] = False
+    """Whether the law models sparsity; if not it fits one sparsity level at a time (dense and MoE runs are
+    different populations), and the report fits it per level."""
     uses_unique_tokens: ClassVar[bool] = False
+    """Whether the law models the unique-token limit U; if not, the report fits it on the sweep's plenty runs."""
+    freezable: ClassVar[tuple[str, ...]] = ()
+    """The parameters ``--freeze NAME=VALUE`` can hold (``freeze_options`` maps them to constructor options)."""
+    limits: ClassVar[tuple[str, ...]] = ()
+    """The keyword limits ``optimum`` takes besides C (e.g. U, the unique-token limit)."""
+    optimum_returns: ClassVar[tuple[str, ...]] = ()
+    """The keys of ``optimum``'s answer ({S} stands for a sparsity label, e.g. loss_S0.5)."""
+    report_runs: ClassVar[str | None] = "default"
+    """Which runs the report fits it on: "default" (each sparsity level, or all runs for a law of sparsity),
+    "dense" (the dense runs), or None (not in the report)."""
 
     def __init__(self, *, bootstrap: int = 0, seed: int = 0, level: float = 0.95):
         self.bootstrap, self.seed, self.level = int(bootstrap), seed, level
         self._reset()
 
+    @abc.abstractmethod
+    def fit(self, frame: pd.DataFrame) -> Law:
+        """Fit the law to the runs (one per row) and return it."""
+
+    @abc.abstractmethod
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        """Predicted loss per row (call ``self._check_fitted()`` first)."""
+
+    def optimum(self, C: float, *, params: dict[str, float] | None = None, **limits: Any) -> dict[str, float]:
+        """The compute-optimal answer at budget C (keys: ``optimum_returns``) under the fitted parameters, or
+        under ``params`` (a saved fit's, a bootstrap resample's), within ``limits`` (names: ``limits``)."""
+        unknown = sorted(set(limits) - set(self.limits))
+        if unknown:
+            takes = f"it takes {', '.join(self.limits)}" if self.limits else "it takes none"
+            raise FitError(f"{self.name}'s optimum has no limit {', '.join(unknown)} ({takes})")
+        if params is None:
+            self._check_fitted()
+        return self._optimum(C, self.params_ if params is None else params, **limits)
+
+    @abc.abstractmethod
+    def _optimum(self, C: float, params: dict[str, float], **limits: Any) -> dict[str, float]:
+        """``optimum`` under ``params``, the limits checked."""
+
+    @classmethod
+    def freeze_options(cls, values: dict[str, float]) -> dict[str, Any]:
+        """``--freeze NAME=VALUE`` pairs as constructor options (a FitError naming a parameter it cannot hold)."""
+        if not values:
+            return {}
+        if not cls.freezable:
+            raise FitError(f"the {cls.name} law has no parameters to freeze")
+        unknown = sorted(set(values) - set(cls.freezable))
+        if unknown:
+            raise FitError(f"{cls.name} has no parameter(s) {', '.join(unknown)} to freeze; it can freeze "
+                           f"{', '.join(cls.freezable)} only")
+        return {"frozen": dict(values)}
+
+    @classmethod
+    def reported(cls, points: pd.DataFrame) -> bool:
+        """Whether the report fits this law to a sweep's points (e.g. only when some run repeats data)."""
+        return cls.report_runs is not None
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """Per-row results beside the parameters (e.g. isoFLOP vertices), named; ``summarize`` adds them."""
+        return {}
+
     def optimum_notes(self, ci: dict[str, tuple[float, float]]) -> list[str]:
         """What a reader must know about the intervals of the optimum (``summarize`` adds them to the notes)."""
         return []
+
+    def _check_fitted(self) -> None:
+        if not self.params_:
+            raise FitError(f"{self.name} is not fitted yet: call fit first")
 
     def _reset(self) -> None:
         """Forget a previous fit (called first by every ``fit``)."""
@@ -487,15 +228,23 @@ class Law:
                            f"({len(self.bootstrap_)} resamples)")
 
 
-class _Parametric(Law):
-    """A law of the form log L̂ = LSE(terms), fitted by the batched multi-start L-BFGS.
+class ParametricLaw(Law):
+    """A law of the form log L̂ = LSE(terms), fitted from a grid of starts by ``scaling.solve``.
 
-    ``spec``: (internal name, public name, internal = log(public)) per parameter. ``frozen`` (public names)
-    fixes parameters; ``grid`` (internal names → values) overrides the law's start grid.
+    A subclass declares ``spec``: (internal name, public name, internal = log(public)) per parameter, its
+    ``default_grid`` of starts (internal names) and its ``floor``, and defines ``_data(frame, with_loss)`` (the
+    columns it reads, with ``n`` and, with the loss, ``y`` = log L), ``_terms(data)`` and ``_optimum``.
+    ``frozen`` (public names) fixes parameters; ``grid`` (internal names → values) overrides the start grid.
     """
 
     spec: ClassVar[tuple[tuple[str, str, bool], ...]]
     default_grid: ClassVar[dict[str, Sequence[float]]]
+    floor: ClassVar[str]
+    """The parameter that is the irreducible loss (what an extrapolation check measures errors against)."""
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        cls.freezable = tuple(p for _, p, _ in cls.spec)
 
     def __init__(self, *, frozen: dict[str, float] | None = None,
                  grid: dict[str, Sequence[float]] | None = None, huber_delta: float = HUBER_DELTA,
@@ -510,7 +259,7 @@ class _Parametric(Law):
         self.huber_delta = huber_delta
         self._theta: np.ndarray | None = None
 
-    def fit(self, frame: pd.DataFrame) -> _Parametric:
+    def fit(self, frame: pd.DataFrame) -> ParametricLaw:
         """Best of the start grid (polished), then bootstrap refits warm-started from its distinct basins."""
         self._reset()
         data = self._data(frame, with_loss=True)
@@ -532,8 +281,7 @@ class _Parametric(Law):
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
         """Predicted loss per row."""
-        if self._theta is None:
-            raise FitError(f"{self.name} is not fitted yet")
+        self._check_fitted()
         return self._predict(self._theta, self._data(frame, with_loss=False))
 
     def predict_with(self, frame: pd.DataFrame, params: dict[str, float]) -> np.ndarray:
@@ -542,6 +290,18 @@ class _Parametric(Law):
         return self._predict(self._internal(params), self._data(frame, with_loss=False))
 
     # names and transforms
+    def _position(self, names: Sequence[str]) -> np.ndarray:
+        """Where the parameters ``names`` (public) sit in θ, in θ's order."""
+        return np.flatnonzero([p in names for _, p, _ in self.spec])
+
+    def _named(self, theta: np.ndarray) -> dict[str, np.ndarray]:
+        """The columns of a batch θ (b, p) by internal name, each (b, 1)."""
+        return {n: theta[:, j:j + 1] for j, (n, _, _) in enumerate(self.spec)}
+
+    def _by_parameter(self, jac: dict[str, list[tuple[int, Any]]]) -> list[list[tuple[int, Any]]]:
+        """Derivative pairs given by internal name, in θ's order (``Terms``' layout)."""
+        return [jac.get(n, []) for n, _, _ in self.spec]
+
     def _internal(self, public: dict[str, float]) -> np.ndarray:
         with np.errstate(divide="ignore"):  # a coefficient that underflowed to 0: a term of −inf, no term
             return np.array([np.log(public[p]) if is_log else public[p] for _, p, is_log in self.spec], float)
@@ -647,6 +407,11 @@ def _chinchilla_terms(log_n: np.ndarray, log_d: np.ndarray) -> LinearTerms:
     return LinearTerms(5, [(0.0, {0: 1.0, 3: -log_n}), (0.0, {1: 1.0, 4: -log_d}), (0.0, {2: 1.0})], len(log_n))
 
 
+def repeats_data(points: pd.DataFrame) -> bool:
+    """Whether some run saw its unique tokens more than once (epochs > 1)."""
+    return bool((points["epochs"] > 1).any()) if "epochs" in points else False
+
+
 def chinchilla_optimum(params: dict[str, float], C: float) -> dict[str, float]:
     """Hoffmann et al.'s (2022) closed form with C = 6ND: G = (αA/(βB))^(1/(α+β)),
     N_opt = G·(C/6)^(β/(α+β)), D_opt = (C/6)^(α/(α+β))/G, and the law's loss there."""
@@ -657,7 +422,7 @@ def chinchilla_optimum(params: dict[str, float], C: float) -> dict[str, float]:
     return {"C": float(C), "N_opt": n_opt, "D_opt": d_opt, "loss": E + A / n_opt**alpha + B / d_opt**beta}
 
 
-class Chinchilla(_Parametric):
+class Chinchilla(ParametricLaw):
     """Chinchilla approach 3 (Hoffmann et al. 2022): L = E + A/N^α + B/D^β, fitted as Epoch AI (Besiroglu et
     al. 2024) refit it: LSE form, summed Huber (δ = 1e-3) of log residuals, best of the 4,500-start grid.
 
@@ -666,6 +431,10 @@ class Chinchilla(_Parametric):
     """
 
     name = "Chinchilla"
+    title = "Chinchilla approach 3"
+    optimum_returns = ("C", "N_opt", "D_opt", "loss")
+    report_runs = "dense"
+    floor = "E"
     spec = (("a", "A", True), ("b", "B", True), ("e", "E", True), ("alpha", "alpha", False),
             ("beta", "beta", False))
     default_grid = HOFFMANN_GRID
@@ -674,9 +443,14 @@ class Chinchilla(_Parametric):
         super().__init__(**options)
         self.n_col = n_col
 
-    def optimum(self, C: float, params: dict[str, float] | None = None) -> dict[str, float]:
+    @classmethod
+    def reported(cls, points: pd.DataFrame) -> bool:
+        """On dense runs that never repeat data (else the report fits ``DataConstrained``)."""
+        return not repeats_data(points[points["sparsity"] == 0])
+
+    def _optimum(self, C: float, params: dict[str, float], **limits: Any) -> dict[str, float]:
         """Compute-optimal N, D (C = 6ND) and the loss there."""
-        return chinchilla_optimum(params or self.params_, C)
+        return chinchilla_optimum(params, C)
 
     def _derived(self, params: dict[str, float]) -> dict[str, float]:
         total = params["alpha"] + params["beta"]
@@ -704,7 +478,7 @@ class Chinchilla(_Parametric):
 # ---------------------------------------------------------------------------------------- data-constrained
 
 
-class DataConstrained(_Parametric):
+class DataConstrained(ParametricLaw):
     """Data-constrained scaling (Muennighoff et al. 2023): with U_D = min(U, D) unique tokens and
     R_D = D/U_D − 1 repetitions, D′ = U_D + U_D·R_D*·(1 − exp(−R_D/R_D*)); U_N = min(N, N_opt(U_D)), the
     compute-optimal N for D = U_D tokens under the base law, R_N = max(N/U_N − 1, 0),
@@ -721,7 +495,12 @@ class DataConstrained(_Parametric):
     """
 
     name = "DataConstrained"
+    title = "data-constrained (Muennighoff et al. 2023)"
     uses_unique_tokens = True
+    limits = ("U",)
+    optimum_returns = ("C", "U", "N_opt", "D_opt", "epochs", "loss")
+    report_runs = "dense"
+    floor = "E"
     spec = Chinchilla.spec + (("log_R_D_star", "R_D_star", True), ("log_R_N_star", "R_N_star", True))
     default_grid = {**HOFFMANN_GRID, "log_R_D_star": np.log(R_STAR_GRID), "log_R_N_star": np.log(R_STAR_GRID)}
     base = ("E", "A", "B", "alpha", "beta")
@@ -764,11 +543,14 @@ class DataConstrained(_Parametric):
                                        f"{lo:.3g}–{hi:.3g}{bound}")
         return self
 
-    def optimum(self, C: float, U: float | None = None,
-                params: dict[str, float] | None = None) -> dict[str, float]:
+    @classmethod
+    def reported(cls, points: pd.DataFrame) -> bool:
+        """On dense runs of which some repeat data."""
+        return repeats_data(points[points["sparsity"] == 0])
+
+    def _optimum(self, C: float, params: dict[str, float], U: float | None = None) -> dict[str, float]:
         """Compute-optimal N, D at budget C (C = 6ND) with U unique tokens (None: the base law's closed form),
         the epochs D/U and the loss."""
-        params = params or self.params_
         if U is None:
             return chinchilla_optimum(params, C)
         theta = self._internal(params)
@@ -805,26 +587,34 @@ class DataConstrained(_Parametric):
         point = weights is None
         w = np.ones((1, data["n"])) if point else weights
         mode = {"polish": point, "precise": not point}
-        chinchilla = _chinchilla_terms(data["log_n"], data["log_d"])
+        chinchilla = _chinchilla_terms(data["log_n"], data["log_d"])  # θ's base columns, in Chinchilla's order
+        base, stars_at = self._position(self.base), self._position(self.stars)
+
+        def joined(base_x: np.ndarray, star_x: np.ndarray) -> np.ndarray:
+            """θ from its base and R* columns (broadcast over leading axes)."""
+            shape = np.broadcast_shapes(base_x.shape[:-1], star_x.shape[:-1])
+            out = np.empty((*shape, len(self.spec)))
+            out[..., base], out[..., stars_at] = base_x, star_x
+            return out
+
         if two_stage:
             first = solve(chinchilla, data["y"],
-                          self._grid_starts(self.base)[:, :5] if point else np.unique(warm[:, :5], axis=0),
-                          self._free(self.base)[:5], weights=w * data["single"], delta=self.huber_delta,
+                          self._grid_starts(self.base)[:, base] if point else np.unique(warm[:, base], axis=0),
+                          self._free(self.base)[base], weights=w * data["single"], delta=self.huber_delta,
                           **mode)
-            stars = self._grid_starts(self.stars)[:, 5:] if point else np.unique(warm[:, 5:], axis=0)
-            starts = np.concatenate([np.broadcast_to(first.x[:, None, :], (len(w), len(stars), 5)),
-                                     np.broadcast_to(stars, (len(w), *stars.shape))], axis=2)
+            stars = self._grid_starts(self.stars)[:, stars_at] if point else np.unique(warm[:, stars_at], axis=0)
+            starts = joined(first.x[:, None, :], np.broadcast_to(stars, (len(w), *stars.shape)))
             sol = solve(self._terms(data), data["y"], starts, self._free(self.stars), weights=w,
                         delta=self.huber_delta, **mode)
             k = max(len(first.candidates), len(sol.candidates))  # warm starts of both stages, row-aligned
             pick = lambda c: c[np.minimum(np.arange(k), len(c) - 1)]  # noqa: E731
-            warm = np.hstack([pick(first.candidates), pick(sol.candidates)[:, 5:]])
+            warm = joined(pick(first.candidates), pick(sol.candidates)[:, stars_at])
             return Solution(sol.x, sol.fun, sol.converged & first.converged, warm)
         if point and any(p not in self.frozen for p in self.base):  # the base law's basins x the R* grid
-            chin = solve(chinchilla, data["y"], self._grid_starts(self.base)[:, :5],
-                         self._free(self.base)[:5], delta=self.huber_delta, polish=True)
-            stars = self._grid_starts(self.stars)[:, 5:]
-            warm = np.array([np.r_[b, s] for b in chin.candidates for s in stars])
+            chin = solve(chinchilla, data["y"], self._grid_starts(self.base)[:, base],
+                         self._free(self.base)[base], delta=self.huber_delta, polish=True)
+            stars = self._grid_starts(self.stars)[:, stars_at]
+            warm = np.array([joined(b, s) for b in chin.candidates for s in stars])
         elif point:
             warm = self._grid_starts()
         return solve(self._terms(data), data["y"], warm, self._free(), weights=None if point else w,
@@ -835,17 +625,18 @@ class DataConstrained(_Parametric):
         clipped = self._clip_log_stars(theta[None].copy())[0]
         if np.array_equal(clipped, theta):
             return theta
-        at_bound = [s for s, v, c in zip(self.stars, theta[5:], clipped[5:], strict=True) if v != c]
+        at_bound = [self.spec[j][1] for j in self._position(self.stars) if theta[j] != clipped[j]]
         free = self._free() & ~np.isin([p for _, p, _ in self.spec], at_bound)
         if two_stage:
-            free[:5] = False
+            free[self._position(self.base)] = False
         sol = solve(self._terms(data), data["y"], clipped[None], free, delta=self.huber_delta, precise=True)
         self.notes_.append(f"{', '.join(at_bound)} at the search bound {self.r_bounds}: the objective keeps "
                            "falling beyond it")
         return sol.x[0]
 
     def _clip_log_stars(self, thetas: np.ndarray) -> np.ndarray:
-        thetas[:, 5:] = np.clip(thetas[:, 5:], *np.log(self.r_bounds))
+        stars_at = self._position(self.stars)
+        thetas[:, stars_at] = np.clip(thetas[:, stars_at], *np.log(self.r_bounds))
         return thetas
 
     def _objective(self, data: dict, theta: np.ndarray) -> float:
@@ -854,7 +645,8 @@ class DataConstrained(_Parametric):
             return float(objective(theta[None], np.zeros(1, int))[0][0])
 
     def _check_base_runs(self, data: dict, theta: np.ndarray) -> None:
-        a, b, _, alpha, beta = theta[:5]
+        p = {n: float(v[0, 0]) for n, v in self._named(theta[None]).items()}
+        a, b, alpha, beta = p["a"], p["b"], p["alpha"], p["beta"]
         log_n_opt = (math.log(alpha / beta) + a - b) / alpha + beta / alpha * data["log_u"]
         over = int((data["single"] & (data["log_n"] > log_n_opt)).sum())
         if over:
@@ -874,16 +666,17 @@ class DataConstrained(_Parametric):
 
         limit = self.objective_ + stats.chi2.ppf(self.level, 1) / 2 * scale
         offsets = np.array([0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2, 3, 4.5, 6.5, 9.5, 14])
-        for j, star in ((5, "R_D_star"), (6, "R_N_star")):
+        for star in self.stars:
             if star in self.frozen:
                 continue
+            j = int(self._position([star])[0])
             grid = np.unique(np.clip(theta[j] + np.r_[-offsets, 0, offsets], *np.log(self.r_bounds)))
             starts = np.repeat(theta[None], len(grid), axis=0)
             starts[:, j] = grid
             free = self._free()
             free[j] = False
             if two_stage:
-                free[:5] = False
+                free[self._position(self.base)] = False
             prof = solve(self._terms(data), data["y"], starts[:, None, :], free,
                          weights=np.ones((len(grid), data["n"])), delta=self.huber_delta, precise=True)
             values = np.where(np.isfinite(prof.fun), prof.fun, np.inf)
@@ -909,24 +702,25 @@ class DataConstrained(_Parametric):
         log_n, log_u, repeats = data["log_n"], data["log_u"], data["repeats"]
 
         def terms(theta: np.ndarray):
-            a, b, e, alpha, beta = (theta[:, i:i + 1] for i in range(5))
-            log_d_eff, dd_star, _ = _effective(log_u, repeats, theta[:, 5])
+            p = self._named(theta)
+            a, b, e, alpha, beta = p["a"], p["b"], p["e"], p["alpha"], p["beta"]
+            log_d_eff, dd_star, _ = _effective(log_u, repeats, p["log_R_D_star"][:, 0])
             # U_N = min(N, N_opt(U_D)), Chinchilla's closed form solved for the N whose D_opt is U:
             # log N_opt(U) = (log α − log β + a − b)/α + (β/α)·log U
             gap = np.log(alpha) - np.log(beta) + a - b
             log_n_opt = gap / alpha + beta / alpha * log_u
             binding = log_n_opt < log_n
             log_un = np.minimum(log_n_opt, log_n)  # NaN (a rejected step) unless α, β > 0
-            log_n_eff, dn_star, dn_repeat = _effective(log_un, np.exp(log_n - log_un) - 1, theta[:, 6])
+            log_n_eff, dn_star, dn_repeat = _effective(log_un, np.exp(log_n - log_un) - 1, p["log_R_N_star"][:, 0])
             # ∂log N′/∂log U_N where U_N binds (R_N = N/U_N − 1 moves with it), times ∂log N_opt/∂(a, b, α, β)
             dn_un = np.where(binding, 1 - dn_repeat * np.exp(log_n - log_un), 0.0)
             d_opt = {"a": 1 / alpha, "b": -1 / alpha, "alpha": (1 - gap - beta * log_u) / alpha**2,
                      "beta": (log_u - 1 / beta) / alpha}
             via = {k: -alpha * dn_un * v for k, v in d_opt.items()}  # ∂t_N through U_N
-            return ([a - alpha * log_n_eff, b - beta * log_d_eff, e],
-                    [[(0, 1.0), (0, via["a"])], [(1, 1.0), (0, via["b"])], [(2, 1.0)],
-                     [(0, -log_n_eff), (0, via["alpha"])], [(1, -log_d_eff), (0, via["beta"])],
-                     [(1, -beta * dd_star)], [(0, -alpha * dn_star)]])
+            return ([a - alpha * log_n_eff, b - beta * log_d_eff, e], self._by_parameter({
+                "a": [(0, 1.0), (0, via["a"])], "b": [(1, 1.0), (0, via["b"])], "e": [(2, 1.0)],
+                "alpha": [(0, -log_n_eff), (0, via["alpha"])], "beta": [(1, -log_d_eff), (0, via["beta"])],
+                "log_R_D_star": [(1, -beta * dd_star)], "log_R_N_star": [(0, -alpha * dn_star)]}))
 
         return terms
 
@@ -996,7 +790,7 @@ def spans_epochs(frame: pd.DataFrame, runs: int = 5, factor: float = 4.0) -> tup
     return float(repeated.min()), float(repeated.max())
 
 
-class Sparsity(_Parametric):
+class Sparsity(ParametricLaw):
     """Sparsity-aware law of Abnar et al. (2025), their Eq. 6:
     L(N, D, S) = e + a/N^α + b/D^β + c/(1−S)^λ + d/((1−S)^δ·N^γ), N = total params, S = sparsity.
 
@@ -1012,7 +806,12 @@ class Sparsity(_Parametric):
     """
 
     name = "Sparsity"
+    title = "sparsity-aware (Abnar et al. 2025), all runs"
+    uses_sparsity = True
     uses_unique_tokens = True
+    limits = ("U", "sparsities", "n_range")
+    optimum_returns = ("C", "S_star", "N_active", "N_total", "D", "U", "epochs", "loss")
+    floor = "e"
     spec = (("log_e", "e", True), ("log_a", "a", True), ("alpha", "alpha", False), ("log_b", "b", True),
             ("beta", "beta", False), ("log_c", "c", True), ("lambda", "lambda", False), ("log_d", "d", True),
             ("delta", "delta", False), ("gamma", "gamma", False), ("log_R_D_star", "R_D_star", True))
@@ -1055,21 +854,21 @@ class Sparsity(_Parametric):
                        delta=self.huber_delta).candidates
         log_r = np.asarray(self.grid["log_R_D_star"], float)
         starts = np.repeat(basins, len(log_r), axis=0)
-        starts[:, -1] = np.tile(log_r, len(basins))
+        starts[:, self._position(["R_D_star"])[0]] = np.tile(log_r, len(basins))
         return starts
 
     def _grid_starts(self, names: Sequence[str] | None = None) -> np.ndarray:
         return self._warm if names is None and self._warm is not None else super()._grid_starts(names)
 
-    def optimum(self, C: float, U: float | None = None, sparsities: Sequence[float] | None = None,
-                params: dict[str, float] | None = None,
-                n_range: tuple[float, float] | None = None) -> dict[str, float]:
+    def _optimum(self, C: float, params: dict[str, float], U: float | None = None,
+                 sparsities: Sequence[float] | None = None,
+                 n_range: tuple[float, float] | None = None) -> dict[str, float]:
         """Lowest predicted loss at budget C (C = 6·N_active·D) with U unique tokens (None: unlimited), over
         N_active (within ``n_range``; by default the sizes whose tokens per active parameter lie within the
         fitted runs' range, because a ten-parameter law is only trusted near the data it was fitted on) and S
         (``sparsities``, or a fine grid over [0, the largest fitted S]): S_star, N_active,
         N_total, D, epochs = D/U and loss."""
-        theta = self._internal(params or self.params_)
+        theta = self._internal(params)
         grid = np.linspace(0, self.s_max_, 101) if sparsities is None else np.asarray(sparsities, float)
         total = self.total_params_
         n_range = n_range or self.supported_sizes(C)
@@ -1139,17 +938,20 @@ class Sparsity(_Parametric):
             pinned = _effective(log_u, repeats, np.log([self.frozen["R_D_star"]]))[0][0]
 
         def terms(theta: np.ndarray):
-            log_e, log_a, alpha, log_b, beta, log_c, lam, log_d, delta, gamma = (
-                theta[:, i:i + 1] for i in range(10))
+            p = self._named(theta)
+            beta, delta, gamma = p["beta"], p["delta"], p["gamma"]
             if "R_D_star" in self.frozen:
                 log_d_eff, d_star = pinned, []
             else:
-                log_d_eff, dd_star, _ = _effective(log_u, repeats, theta[:, 10])
+                log_d_eff, dd_star, _ = _effective(log_u, repeats, p["log_R_D_star"][:, 0])
                 d_star = [(2, -beta * dd_star)]
-            return ([log_e, log_a - alpha * log_n, log_b - beta * log_d_eff, log_c - lam * log_1ms,
-                     log_d - delta * log_1ms - gamma * log_n],
-                    [[(0, 1.0)], [(1, 1.0)], [(1, -log_n)], [(2, 1.0)], [(2, -log_d_eff)], [(3, 1.0)],
-                     [(3, -log_1ms)], [(4, 1.0)], [(4, -log_1ms)], [(4, -log_n)], d_star])
+            return ([p["log_e"], p["log_a"] - p["alpha"] * log_n, p["log_b"] - beta * log_d_eff,
+                     p["log_c"] - p["lambda"] * log_1ms, p["log_d"] - delta * log_1ms - gamma * log_n],
+                    self._by_parameter({
+                        "log_e": [(0, 1.0)], "log_a": [(1, 1.0)], "alpha": [(1, -log_n)], "log_b": [(2, 1.0)],
+                        "beta": [(2, -log_d_eff)], "log_c": [(3, 1.0)], "lambda": [(3, -log_1ms)],
+                        "log_d": [(4, 1.0)], "delta": [(4, -log_1ms)], "gamma": [(4, -log_n)],
+                        "log_R_D_star": d_star}))
 
         return terms
 
@@ -1226,6 +1028,8 @@ class IsoFLOP(Law):
     """
 
     name = "IsoFLOP"
+    title = "isoFLOP (Chinchilla approach 2)"
+    optimum_returns = ("C", "N_opt", "D_opt")
 
     def __init__(self, *, x: str = "active_params", rtol: float = 0.1, weighted: bool = False,
                  bootstrap: int = 0, seed: int = 0, level: float = 0.95):
@@ -1295,6 +1099,7 @@ class IsoFLOP(Law):
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
         """Loss on each row's budget parabola in log10 N (NaN for a budget not fitted)."""
+        self._check_fitted()
         budget_col = "budget" if "budget" in frame else "flops"
         cols = _columns(frame, self.name, [self.x, budget_col], positive=[self.x, budget_col])
         log_b, log_fit = np.log(budget_groups(frame, self.rtol)), np.log(self._budgets)
@@ -1303,10 +1108,14 @@ class IsoFLOP(Law):
         v, c = np.log10(cols[self.x]) - self._centers[g], self._coef[g]
         return np.where(near, c[:, 0] + c[:, 1] * v + c[:, 2] * v * v, np.nan)
 
-    def optimum(self, C: float, params: dict[str, float] | None = None) -> dict[str, float]:
+    def _optimum(self, C: float, params: dict[str, float], **limits: Any) -> dict[str, float]:
         """N* = k_N·C^a and D* = k_D·C^b at budget C."""
-        p = params or self.params_
+        p = params
         return {"C": float(C), "N_opt": p["k_N"] * C ** p["a"], "D_opt": p["k_D"] * C ** p["b"]}
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """The per-budget vertices N*, D*, L* with their delta-method intervals (``vertices_``)."""
+        return {"vertices": self.vertices_}
 
     def _data(self, frame: pd.DataFrame) -> dict:
         budget_col = "budget" if "budget" in frame else "flops"
@@ -1362,6 +1171,10 @@ class Envelope(Law):
     """
 
     name = "Envelope"
+    title = "loss envelope and effective compute per sparsity"
+    uses_sparsity = True
+    freezable = ("L_inf",)
+    optimum_returns = ("C", "loss_{S}")
 
     def __init__(self, *, l_inf: float | None = None, points: str = "best", rtol: float = 0.1,
                  huber_delta: float = HUBER_DELTA, bootstrap: int = 0, seed: int = 0, level: float = 0.95):
@@ -1394,6 +1207,7 @@ class Envelope(Law):
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
         """L∞ + A_variant·C^(−α) per row (C: ``budget`` if present, else ``flops``); NaN for a variant not
         fitted."""
+        self._check_fitted()
         budget_col = "budget" if "budget" in frame else "flops"
         cols = _columns(frame, self.name, [budget_col], positive=[budget_col])
         sparsity = frame["sparsity"].to_numpy(float) if "sparsity" in frame else np.zeros(len(frame))
@@ -1401,9 +1215,14 @@ class Envelope(Law):
         amp = np.array([p.get(f"A_{_label(s)}", np.nan) for s in sparsity])
         return p["L_inf"] + amp * cols[budget_col] ** -p["alpha"]
 
-    def optimum(self, C: float, params: dict[str, float] | None = None) -> dict[str, float]:
+    @classmethod
+    def freeze_options(cls, values: dict[str, float]) -> dict[str, Any]:
+        """``--freeze L_inf=VALUE`` pins L∞ (``l_inf``)."""
+        return {"l_inf": values["L_inf"]} if super().freeze_options(values) else {}
+
+    def _optimum(self, C: float, params: dict[str, float], **limits: Any) -> dict[str, float]:
         """Each variant's envelope loss at budget C (``loss_S0.5``, …)."""
-        p = params or self.params_
+        p = params
         return {"C": float(C), **{f"loss_{_label(s)}": p["L_inf"] + p[f"A_{_label(s)}"] * C ** -p["alpha"]
                                   for s in self._levels}}
 
@@ -1524,10 +1343,11 @@ def fit_law(frame: pd.DataFrame, law: str, *, bootstrap: int = 0, budget: float 
 
 def summarize(model: Law, law: str, budget: float | None = None, unique_tokens: float | None = None) -> dict:
     """A fitted law as plain JSON: law, params, ci (name → [lo, hi], for parameters and the optimum's
-    quantities), optimum (at ``budget``, under ``unique_tokens`` for the laws that use it), objective,
-    n_points, notes."""
+    quantities), optimum (at ``budget``, under ``unique_tokens`` for the laws that take that limit), objective,
+    n_points, notes, and the law's ``tables`` (e.g. isoFLOP vertices) as lists of rows."""
     notes, ci, optimum = list(model.notes_), dict(model.ci_), {}
-    limit = {"U": unique_tokens} if model.uses_unique_tokens else {}
+    takes_u = "U" in model.limits
+    limit = {"U": unique_tokens} if takes_u else {}
     if budget is not None:
         optimum = model.optimum(budget, **limit)
         if model.bootstrap_ is not None:
@@ -1535,15 +1355,45 @@ def summarize(model: Law, law: str, budget: float | None = None, unique_tokens: 
                                   for row in model.bootstrap_.to_dict("records")])
             ci.update(percentile_intervals(draws.drop(columns=["C", "U"], errors="ignore"), model.level))
             notes += model.optimum_notes(ci)
-    if unique_tokens is not None and not model.uses_unique_tokens:
+    if unique_tokens is not None and not takes_u:
         notes.append(f"unique_tokens is not used by the {law} law")
     elif unique_tokens is not None and budget is None:
         notes.append("give a budget as well for the compute-optimal allocation under the unique-token limit")
     return {"law": law, "params": _plain(model.params_),
             "ci": {k: [float(lo), float(hi)] for k, (lo, hi) in ci.items() if np.isfinite([lo, hi]).all()},
             "optimum": _plain(optimum), "objective": float(model.objective_),
-            "n_points": int(model.n_points_), "notes": notes}
+            "n_points": int(model.n_points_), "notes": notes,
+            **{name: _records(table) for name, table in model.tables().items()}}
+
+
+def result_rows(result: dict[str, Any], by_name: bool = False) -> pd.DataFrame:
+    """A fit (``summarize``'s dict) as rows kind (param or optimum), name, value, ci_lo, ci_hi (NaN without an
+    interval): what the command prints, the report shows and the store keeps. ``by_name``: one row per name, an
+    optimum value replacing a parameter of the same name (the store's key)."""
+    rows = []
+    for kind, values in (("param", result.get("params", {})), ("optimum", result.get("optimum", {}))):
+        for name, value in values.items():
+            if not isinstance(value, (int, float, np.number)) or isinstance(value, bool):
+                continue
+            lo, hi = (result.get("ci", {}).get(name) or [np.nan, np.nan])[:2]
+            rows.append({"kind": kind, "name": name, "value": float(value), "ci_lo": lo, "ci_hi": hi})
+    out = pd.DataFrame(rows, columns=["kind", "name", "value", "ci_lo", "ci_hi"])
+    return out.drop_duplicates("name", keep="last") if by_name else out
 
 
 def _plain(values: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if np.isfinite(v)}
+
+
+def _records(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """A table as JSON rows: flags as booleans, counts as integers, other numbers as floats (NaN as None)."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, (bool, np.bool_)):
+            return bool(v)
+        if isinstance(v, (int, np.integer)):
+            return int(v)
+        if isinstance(v, (float, np.floating)):
+            return float(v) if np.isfinite(v) else None
+        return v
+
+    return [{k: plain(v) for k, v in row.items()} for row in table.to_dict("records")]

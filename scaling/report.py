@@ -29,7 +29,7 @@ from scaling import plots
 from scaling.bootstrap import percentile_intervals
 from scaling.branches import savings_note
 from scaling.holdout import holdout_fit
-from scaling.laws import LAWS, FitError, Law, summarize
+from scaling.laws import LAWS, FitError, Law, result_rows, summarize
 from scaling.predict import formula, parametric
 from scaling.sparsity_vertex import law_checks
 from scaling.store import StoreError, connect, db_path, literal, runs_frame, save_fit
@@ -75,12 +75,8 @@ class Fit:
     @property
     def table(self) -> pd.DataFrame:
         """Parameters and numeric optimum values with intervals, as ``fit_params`` stores them (by name)."""
-        result = self.result or {}
-        values = {**result.get("params", {}), **{k: v for k, v in result.get("optimum", {}).items()
-                                                 if isinstance(v, (int, float, np.number))}}
-        rows = [{"parameter": k, "value": float(v), "ci_lo": (result.get("ci", {}).get(k) or [None, None])[0],
-                 "ci_hi": (result.get("ci", {}).get(k) or [None, None])[1]} for k, v in values.items()]
-        return pd.DataFrame(rows, columns=["parameter", "value", "ci_lo", "ci_hi"]).sort_values("parameter")
+        rows = result_rows(self.result or {}, by_name=True).rename(columns={"name": "parameter"})
+        return rows[["parameter", "value", "ci_lo", "ci_hi"]].sort_values("parameter")
 
 
 @dataclass
@@ -174,33 +170,30 @@ def plenty_points(points: pd.DataFrame) -> tuple[pd.DataFrame, str, str]:
 
 
 def fit_all(data: SweepData, bootstrap: int, budget: float, unique_tokens: float) -> list[Fit]:
-    """Every law the sweep supports, each with its optimum at ``budget``: isoFLOP per sparsity, Chinchilla or
-    data-constrained on the dense runs (the latter when some dense run repeats data), the sparsity-aware law
-    (with the sweep's own total-params mapping), the envelope, and with 2+ unique-token limits the
-    nonparametric sparsity answer (isoFLOP and envelope then use the plenty runs only)."""
+    """Every law of ``LAWS`` the sweep supports (``Law.reported``), each with its optimum at ``budget``: a law
+    of one sparsity per sparsity level (``report_runs = "dense"``: on the dense runs only), a law of sparsity on
+    all runs; a law that does not model the unique-token limit on the plenty runs of a sweep of several (the
+    others on all runs); then the sparsity law cross-checked against the isoFLOP vertices."""
     points = data.points
-    base, where, suffix = plenty_points(points)
     fits = []
-    for sparsity in sorted(base["sparsity"].unique()):
-        fit = Fit("isoflop", f"isoFLOP (Chinchilla approach 2), {plots.variant_label(sparsity)}{suffix}",
-                  f"{SELECTION_SQL} AND sparsity = {sparsity:g}{where}", sparsity=sparsity)
-        fits.append(run_fit(fit, base[base["sparsity"] == sparsity], bootstrap, budget))
-    dense = points[points["sparsity"] == 0]
-    if (dense["epochs"] > 1).any():
-        fit = Fit("data-constrained", "data-constrained (Muennighoff et al. 2023), dense runs",
-                  f"{SELECTION_SQL} AND sparsity = 0")
-        fits.append(run_fit(fit, dense, bootstrap, budget, unique_tokens))
-    else:
-        fits.append(run_fit(Fit("chinchilla", "Chinchilla approach 3, dense runs", f"{SELECTION_SQL} AND sparsity = 0"),
-                            dense, bootstrap, budget))
-    fits.append(run_fit(Fit("sparsity", "sparsity-aware (Abnar et al. 2025), all runs", SELECTION_SQL), points,
-                        bootstrap, budget, unique_tokens))
-    fits.append(run_fit(Fit("envelope", f"loss envelope and effective compute per sparsity{suffix}",
-                            SELECTION_SQL + where), base, bootstrap, budget))
-    if points["unique_tokens"].nunique() > 1:
-        fits.append(run_fit(Fit("sparsity-vertex", "optimal sparsity under plenty and scarce data (isoFLOP vertices)",
-                                SELECTION_SQL), points, bootstrap, budget))
-        cross_check(named(fits, "sparsity"), named(fits, "sparsity-vertex"), points)
+    for name, law in LAWS.items():
+        if law.report_runs is None or not law.reported(points):
+            continue
+        limit = unique_tokens if "U" in law.limits else None
+        if law.report_runs == "dense":
+            fits.append(run_fit(Fit(name, f"{law.title}, dense runs", f"{SELECTION_SQL} AND sparsity = 0"),
+                                points[points["sparsity"] == 0], bootstrap, budget, limit))
+            continue
+        frame, where, suffix = (points, "", "") if law.uses_unique_tokens else plenty_points(points)
+        if law.uses_sparsity:
+            fits.append(run_fit(Fit(name, f"{law.title}{suffix}", SELECTION_SQL + where), frame, bootstrap, budget,
+                                limit))
+            continue
+        for sparsity in sorted(frame["sparsity"].unique()):
+            fit = Fit(name, f"{law.title}, {plots.variant_label(sparsity)}{suffix}",
+                      f"{SELECTION_SQL} AND sparsity = {sparsity:g}{where}", sparsity=sparsity)
+            fits.append(run_fit(fit, frame[frame["sparsity"] == sparsity], bootstrap, budget, limit))
+    cross_check(named(fits, "sparsity"), named(fits, "sparsity-vertex"), points)
     return fits
 
 
@@ -289,12 +282,12 @@ def sparsity_frames(fit: Fit | None, points: pd.DataFrame, unique_tokens: float,
     grid = np.linspace(0, points["sparsity"].max(), 36)
     rows, optima = [], []
     for c in sorted(points["budget"].unique()):
-        rows += [{"budget": c, "sparsity": s, "loss": model.optimum(c, unique_tokens, sparsities=[s])["loss"]}
+        rows += [{"budget": c, "sparsity": s, "loss": model.optimum(c, U=unique_tokens, sparsities=[s])["loss"]}
                  for s in grid]
-        best = model.optimum(c, unique_tokens)
+        best = model.optimum(c, U=unique_tokens)
         lo = hi = np.nan
         if model.bootstrap_ is not None:
-            draws = [model.optimum(c, unique_tokens, params=row)["S_star"]
+            draws = [model.optimum(c, U=unique_tokens, params=row)["S_star"]
                      for row in model.bootstrap_.to_dict("records")]
             lo, hi = percentile_intervals(pd.DataFrame({"S": draws}), level).get("S", (np.nan, np.nan))
         optima.append({"budget": c, "S_star": best["S_star"], "loss": best["loss"], "S_lo": lo, "S_hi": hi})

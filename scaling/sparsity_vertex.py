@@ -18,7 +18,7 @@ its own interval, not one built from two). Nothing here is parametric; ``laws.Sp
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -134,7 +134,10 @@ class SparsityVertex(Law):
     """
 
     name = "SparsityVertex"
-    uses_unique_tokens: ClassVar[bool] = False
+    title = "optimal sparsity under plenty and scarce data (isoFLOP vertices)"
+    uses_sparsity = True
+    uses_unique_tokens = True
+    optimum_returns = ("C", "S_star_plenty", "S_star_scarce", "S_star_difference")
 
     def __init__(self, *, rtol: float = 0.1, bootstrap: int = 0, seed: int = 0, level: float = 0.95):
         super().__init__(bootstrap=bootstrap, seed=seed, level=level)
@@ -179,9 +182,14 @@ class SparsityVertex(Law):
         """Not a loss model: the vertices are the answer (``vertices_``)."""
         raise FitError(f"{self.name} predicts no losses; read vertices_ and s_star_")
 
-    def optimum(self, C: float, params: dict[str, float] | None = None) -> dict[str, float]:
+    @classmethod
+    def reported(cls, points: pd.DataFrame) -> bool:
+        """On sweeps with runs at 2 or more unique-token limits."""
+        return points["unique_tokens"].nunique() > 1
+
+    def _optimum(self, C: float, params: dict[str, float], **limits: Any) -> dict[str, float]:
         """S* under plenty and scarce data and their difference at the fitted budget nearest C."""
-        p = self.params_ if params is None else params
+        p = params
         budget = self._budgets[np.argmin(np.abs(np.log(self._budgets / C)))]
         plenty, scarce = self._levels[-1], self._levels[0]
         return {"C": float(budget),
@@ -401,10 +409,10 @@ def law_checks(law: Law, vertex: SparsityVertex, frame: pd.DataFrame, level: flo
         name = key("S_star", U, top)
         if name not in vertex.params_:
             continue
-        s_law = law.optimum(top, U)["S_star"]
+        s_law = law.optimum(top, U=U)["S_star"]
         lo_law = hi_law = s_law
         if law.bootstrap_ is not None:
-            draws = pd.DataFrame({"S": [law.optimum(top, U, params=row)["S_star"]
+            draws = pd.DataFrame({"S": [law.optimum(top, U=U, params=row)["S_star"]
                                         for row in law.bootstrap_.to_dict("records")]})
             lo_law, hi_law = percentile_intervals(draws, level).get("S", (s_law, s_law))
         lo, hi = vertex.ci_.get(name, (vertex.params_[name],) * 2)

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from scaling.config import RunSpec, SweepConfig
+from scaling.laws import result_rows
 from scaling.runfiles import ROUTER_STATS, DamagedRunFile, read_finished, set_aside
 
 SCHEMA_VERSION = 4
@@ -379,19 +380,16 @@ def ingest_all(con: duckdb.DuckDBPyConnection, sweep: str | None = None) -> dict
 
 
 def save_fit(con: duckdb.DuckDBPyConnection, sweep: str, result: dict[str, Any], selection: str) -> str:
-    """Store a fitted law (``laws.fit_law`` output) in ``fits`` and its parameters in ``fit_values``."""
+    """Store a fitted law (``laws.fit_law`` output) in ``fits``, its rows (``laws.result_rows``) in ``fit_values``."""
     created = utcnow()
     fit_id = f"{sweep}:{result['law']}:{created:%Y%m%dT%H%M%S%f}"
     con.execute("BEGIN")
     con.execute("INSERT INTO fits VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [fit_id, sweep, result["law"], created, result.get("n_points"), result.get("objective"),
                  selection, json.dumps(result, default=float)])
-    values = {**result.get("params", {}), **{k: v for k, v in result.get("optimum", {}).items()
-                                             if isinstance(v, (int, float))}}
-    for name, value in values.items():
-        lo, hi = (result.get("ci", {}).get(name) or [None, None])[:2]
-        con.execute("INSERT OR REPLACE INTO fit_values VALUES (?, ?, ?, ?, ?)",
-                    [fit_id, name, float(value), lo, hi])
+    for row in result_rows(result, by_name=True).itertuples():
+        lo, hi = (None if pd.isna(v) else float(v) for v in (row.ci_lo, row.ci_hi))
+        con.execute("INSERT OR REPLACE INTO fit_values VALUES (?, ?, ?, ?, ?)", [fit_id, row.name, row.value, lo, hi])
     con.execute("COMMIT")
     return fit_id
 

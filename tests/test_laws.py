@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from conftest import cli_in_process
 
-from scaling import laws
+from scaling import laws, solve
 from scaling.bootstrap import percentile_intervals, resample_weights
 from scaling.laws import (
     Chinchilla,
@@ -22,15 +22,13 @@ from scaling.laws import (
     Envelope,
     FitError,
     IsoFLOP,
-    LinearLogSumObjective,
-    LinearTerms,
-    LogSumObjective,
     Sparsity,
     budget_groups,
     chinchilla_optimum,
     fit_law,
 )
 from scaling.optimize import BatchResult, Prune, lbfgs, newton
+from scaling.solve import LinearLogSumObjective, LinearTerms, LogSumObjective
 
 PUBLISHED = Path(__file__).resolve().parent.parent / "data" / "published"
 BUDGETS = (1e17, 1e18, 1e19, 1e20, 1e21)
@@ -509,7 +507,7 @@ def test_sparsity_optimum_conventions():
     frame = moe_sweep(sizes=5)
     frame["loss"] = sparsity_loss(frame["params"], frame["tokens"], frame["sparsity"], 3e9, ABNAR)
     law = Sparsity(grid={k: v[:1] for k, v in laws.SPARSITY_GRID.items()} | {"log_a": [5.0, 6.0]}).fit(frame)
-    opt = law.optimum(1e21, 3e9, sparsities=[0.0, 0.5, 0.875])
+    opt = law.optimum(1e21, U=3e9, sparsities=[0.0, 0.5, 0.875])
     assert opt["S_star"] in (0.0, 0.5, 0.875)
     assert opt["N_total"] == pytest.approx(opt["N_active"] / (1 - opt["S_star"]))
     assert opt["epochs"] == pytest.approx(opt["D"] / 3e9)
@@ -518,15 +516,15 @@ def test_sparsity_optimum_conventions():
     ratio = frame["tokens"] / frame["active_params"]
     lo, hi = law.supported_sizes(1e21)
     assert (lo, hi) == pytest.approx((math.sqrt(1e21 / (6 * ratio.max())), math.sqrt(1e21 / (6 * ratio.min()))))
-    assert lo <= law.optimum(1e21, 3e9)["N_active"] <= hi
-    assert law.optimum(1e21, 3e9, n_range=(lo, lo * 1.01))["N_active"] == pytest.approx(lo, rel=0.011)
+    assert lo <= law.optimum(1e21, U=3e9)["N_active"] <= hi
+    assert law.optimum(1e21, U=3e9, n_range=(lo, lo * 1.01))["N_active"] == pytest.approx(lo, rel=0.011)
     # by default totals follow the runs' own architecture: here half of each active parameter count is shared
     shared = frame.assign(params=frame["active_params"] * (1 + 0.5 * frame["sparsity"] / (1 - frame["sparsity"])))
     learnt = Sparsity(grid={k: v[:1] for k, v in laws.SPARSITY_GRID.items()} | {"log_a": [5.0, 6.0]}).fit(shared)
-    opt = learnt.optimum(1e21, 3e9, sparsities=[0.75])
+    opt = learnt.optimum(1e21, U=3e9, sparsities=[0.75])
     assert opt["N_total"] == pytest.approx(opt["N_active"] * 2.5)
     custom = Sparsity(total_params=lambda n, s: n * (1 + 4 * s)).fit(frame)
-    alt = custom.optimum(1e21, 3e9)
+    alt = custom.optimum(1e21, U=3e9)
     assert alt["N_total"] == pytest.approx(alt["N_active"] * (1 + 4 * alt["S_star"]))
     assert 0 <= alt["S_star"] <= 0.875 and "epochs" not in custom.optimum(1e21)
 
@@ -545,7 +543,8 @@ def test_fit_law_returns_plain_json_for_every_law():
     for law, (data, options) in cases.items():
         result = fit_law(data, law, bootstrap=20, budget=1e21, unique_tokens=3e9, seed=1, **options)
         text = json.dumps(result, allow_nan=False)
-        assert set(json.loads(text)) == {"law", "params", "ci", "optimum", "objective", "n_points", "notes"}
+        tables = {"vertices"} if law == "isoflop" else set()  # the isoFLOP vertices beside the parameters
+        assert set(json.loads(text)) == {"law", "params", "ci", "optimum", "objective", "n_points", "notes"} | tables
         assert result["law"] == law and result["n_points"] == len(data) and result["optimum"]["C"] == 1e21
         assert all(lo <= hi for lo, hi in result["ci"].values()) and result["ci"]
         assert all(isinstance(v, float) for v in result["params"].values())
@@ -667,15 +666,54 @@ def test_cli_fit_csv_where_selects_rows(monkeypatch, capsys):
         assert code == 1 and out == "" and needle in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_cli_isoflop_json_has_vertices_and_weighted_is_wls(monkeypatch, capsys):
+    """``--format json`` carries the per-budget vertices with their intervals; the default power law is OLS and
+    ``--weighted`` the WLS on the vertices' precision, as ``IsoFLOP(weighted=...)``."""
+    path = str(PUBLISHED / "open_athena_isoflops_transform.csv")
+    args = ("fit", "--csv", path, "--law", "isoflop", "--format", "json", "--column", "flops=budget",
+            "--where", "source = 'epochai_chinchilla' AND NOT outlier")
+    points = pd.read_csv(path)
+    points = points[(points["source"] == "epochai_chinchilla") & ~points["outlier"]]
+    for flags, weighted in (((), False), (("--weighted",), True)):
+        code, out, err = scaling_cli(monkeypatch, capsys, *args, *flags)
+        assert code == 0, err
+        result, expected = json.loads(out), IsoFLOP(x="params", weighted=weighted).fit(points)
+        assert result["params"]["a"] == pytest.approx(expected.params_["a"], rel=1e-9)
+        assert ("WLS" if weighted else "OLS") in " ".join(result["notes"])
+        vertices = pd.DataFrame(result["vertices"])
+        assert len(vertices) == len(expected.vertices_) >= 2 and vertices["in_range"].any()
+        assert (vertices["n_lo"] < vertices["n_opt"]).all() and (vertices["n_opt"] < vertices["n_hi"]).all()
+        assert np.allclose(vertices["n_opt"], expected.vertices_["n_opt"], rtol=1e-9)
+    code, out, err = scaling_cli(monkeypatch, capsys, "fit", "--csv", path, "--law", "chinchilla", "--weighted")
+    assert code == 2 and "the chinchilla law has no weighted fit" in err
+
+
+def test_coarse_steps_on_a_subset_of_points_find_the_same_fit(monkeypatch):
+    """A large file's Newton grid steers and prunes its starts on evenly spaced points (``solve.COARSE_POINTS``),
+    then goes on over all of them: the same best fit as the grid over every point."""
+    frame = chinchilla_sweep(CHINCHILLA, np.random.default_rng(0))
+    terms = Chinchilla()._terms(Chinchilla()._data(frame, with_loss=False))
+    points = np.arange(0, len(frame), 3)
+    theta = np.array([[5.0, 6.0, 0.5, 0.3, 0.3]])
+    for whole, part in zip(terms.values(theta), terms.subset(points).values(theta), strict=True):
+        assert np.allclose(whole[:, points] if whole.shape[1] > 1 else whole, part, rtol=1e-12, atol=0)
+    every = Chinchilla().fit(frame)
+    monkeypatch.setattr(solve, "COARSE_POINTS", len(frame) // 3)
+    subset = Chinchilla().fit(frame)
+    assert subset.objective_ == pytest.approx(every.objective_, rel=1e-9)
+    for name, value in every.params_.items():
+        assert subset.params_[name] == pytest.approx(value, rel=1e-6), name
+
+
 def test_non_converged_fit_is_a_fit_error(monkeypatch):
     frame = chinchilla_sweep(CHINCHILLA, np.random.default_rng(0))
-    real = laws.newton
+    real = solve.newton
 
     def stuck(fun, x0, **kwargs):
         res = real(fun, x0, **{**kwargs, "max_iter": 1})
         return BatchResult(res.x, res.fun, res.grad, res.n_iter, np.zeros(len(x0), bool), res.pruned)
 
-    monkeypatch.setattr(laws, "newton", stuck)
+    monkeypatch.setattr(solve, "newton", stuck)
     with pytest.raises(FitError, match="Chinchilla fit did not converge"):
         Chinchilla().fit(frame)
 
@@ -743,9 +781,9 @@ def test_sparsity_recovers_random_truths():
         loss = sparsity_loss(frame["params"], frame["tokens"], frame["sparsity"], 3e9, truth)
         frame["loss"] = noisy(loss, rng)
         law = Sparsity(bootstrap=100, seed=seed).fit(frame)
-        draws = law.bootstrap_.assign(S_star=[law.optimum(1e21, 3e9, params=row)["S_star"]
+        draws = law.bootstrap_.assign(S_star=[law.optimum(1e21, U=3e9, params=row)["S_star"]
                                               for row in law.bootstrap_.to_dict("records")])
-        truth["S_star"] = law.optimum(1e21, 3e9, params=truth | {"R_D_star": 15.388})["S_star"]
+        truth["S_star"] = law.optimum(1e21, U=3e9, params=truth | {"R_D_star": 15.388})["S_star"]
         results.append((truth, family(draws, truth)))
     assert_recovered(results)
 
