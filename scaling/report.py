@@ -9,6 +9,7 @@ Every table on the page shows the SQL that reproduces it from the store.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import json
 import math
@@ -87,6 +88,19 @@ class Figure:
     caption: str
     paths: list[Path] = field(default_factory=list)
     missing: str | None = None
+
+
+@dataclass(frozen=True)
+class ExtraFigure:
+    """A figure added from outside this module (``FIGURES``): ``make(data, fits)`` returns a plot, or None when
+    the sweep has nothing to draw, which the report then says with ``reason``."""
+
+    caption: str
+    make: Callable[[SweepData, list[Fit]], Any]
+    reason: str
+
+
+FIGURES: dict[str, ExtraFigure] = {}  # name → a figure drawn after the built-in ones: one line adds one
 
 
 @dataclass
@@ -435,6 +449,8 @@ def draw(data: SweepData, fits: list[Fit], unique_tokens: float, folder: Path) -
          lambda: plots.similarity_plot(data.similarity), data.similarity_note),
     ]
     specs += holdout_specs(fits)
+    specs += [(name, extra.caption, functools.partial(extra.make, data, fits), extra.reason)
+              for name, extra in FIGURES.items()]
     figures = []
     for name, caption, make, reason in specs:
         figure = Figure(name, caption)

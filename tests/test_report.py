@@ -81,6 +81,26 @@ def test_failed_law_and_dense_only_sweep(tmp_path, monkeypatch):
     assert "The sparsity-aware law could not be fitted: Sparsity needs" in answer["sentence"]
 
 
+def test_a_figure_added_with_one_line_is_drawn_or_says_why_not(tmp_path, monkeypatch):
+    """A figure defined here and registered with one line appears in the report, from the sweep's data and fits;
+    one that has nothing to draw shows its reason."""
+    from plotnine import aes, geom_point, ggplot
+
+    def loss_by_epochs(data: report.SweepData, fits: list[report.Fit]) -> ggplot:
+        assert {fit.law for fit in fits} >= {"isoflop", "sparsity"}
+        return ggplot(data.points, aes("epochs", "loss")) + geom_point()
+
+    monkeypatch.setitem(report.FIGURES, "loss_by_epochs",
+                        report.ExtraFigure("Final loss against epochs.", loss_by_epochs, "no points"))
+    monkeypatch.setitem(report.FIGURES, "nothing",
+                        report.ExtraFigure("Never drawn.", lambda data, fits: None, "nothing to draw here"))
+    db = build_store(tmp_path, DENSE, failed=0)
+    page = report.write_report(str(db), "dense", tmp_path / "out", bootstrap=0).read_text()
+    assert (tmp_path / "out" / "figures" / "loss_by_epochs.png").stat().st_size > 5_000
+    assert '<figure id="loss_by_epochs"><img src="data:image/png;base64,' in page
+    assert "Final loss against epochs." in page and "Not drawn: nothing to draw here" in page
+
+
 def test_unknown_sweep_is_a_store_error(built):
     with pytest.raises(StoreError, match="no sweep named 'nope'"):
         report.write_report(str(built[0]), "nope", built[1].parent / "nope")
