@@ -166,6 +166,12 @@ class Law(abc.ABC):
         """``optimum`` under ``params``, the limits checked."""
 
     @classmethod
+    def formula(cls, params: dict[str, float], digits: int = 6) -> str | None:
+        """The law as text with its fitted numbers in (``digits`` significant digits), so that a reader can
+        recompute a prediction by hand; None for a law that is no closed form of N, D, ..."""
+        return None
+
+    @classmethod
     def freeze_options(cls, values: dict[str, float]) -> dict[str, Any]:
         """``--freeze NAME=VALUE`` pairs as constructor options (a FitError naming a parameter it cannot hold)."""
         if not values:
@@ -422,6 +428,16 @@ def chinchilla_optimum(params: dict[str, float], C: float) -> dict[str, float]:
     return {"C": float(C), "N_opt": n_opt, "D_opt": d_opt, "loss": E + A / n_opt**alpha + B / d_opt**beta}
 
 
+def _texts(params: dict[str, float], digits: int) -> dict[str, str]:
+    return {name: f"{value:.{digits}g}" for name, value in params.items()}
+
+
+def _effective_data_text(v: dict[str, str]) -> str:
+    """Muennighoff et al.'s effective data D′ as text, with R_D* from ``v``."""
+    return (f"U_D = min(U, D), R_D = D/U_D − 1, D′ = U_D + U_D·{v.get('R_D_star')}·(1 − exp(−R_D/"
+            f"{v.get('R_D_star')}))")
+
+
 class Chinchilla(ParametricLaw):
     """Chinchilla approach 3 (Hoffmann et al. 2022): L = E + A/N^α + B/D^β, fitted as Epoch AI (Besiroglu et
     al. 2024) refit it: LSE form, summed Huber (δ = 1e-3) of log residuals, best of the 4,500-start grid.
@@ -438,6 +454,11 @@ class Chinchilla(ParametricLaw):
     spec = (("a", "A", True), ("b", "B", True), ("e", "E", True), ("alpha", "alpha", False),
             ("beta", "beta", False))
     default_grid = HOFFMANN_GRID
+
+    @classmethod
+    def formula(cls, params: dict[str, float], digits: int = 6) -> str:
+        v = _texts(params, digits)
+        return f"L = {v['E']} + {v['A']}/N^{v['alpha']} + {v['B']}/D^{v['beta']}"
 
     def __init__(self, *, n_col: str = "params", **options: Any):
         super().__init__(**options)
@@ -505,6 +526,13 @@ class DataConstrained(ParametricLaw):
     default_grid = {**HOFFMANN_GRID, "log_R_D_star": np.log(R_STAR_GRID), "log_R_N_star": np.log(R_STAR_GRID)}
     base = ("E", "A", "B", "alpha", "beta")
     stars = ("R_D_star", "R_N_star")
+
+    @classmethod
+    def formula(cls, params: dict[str, float], digits: int = 6) -> str:
+        v = _texts(params, digits)
+        return (f"L = {v['E']} + {v['A']}/N′^{v['alpha']} + {v['B']}/D′^{v['beta']}; {_effective_data_text(v)}; "
+                f"U_N = min(N, ({v['alpha']}·{v['A']}/({v['beta']}·{v['B']}))^(1/{v['alpha']})·U_D^({v['beta']}/"
+                f"{v['alpha']})), R_N = N/U_N − 1, N′ = U_N + U_N·{v['R_N_star']}·(1 − exp(−R_N/{v['R_N_star']}))")
 
     def __init__(self, *, n_col: str = "params", procedure: str = "auto",
                  r_bounds: tuple[float, float] = R_STAR_BOUNDS, **options: Any):
@@ -816,6 +844,13 @@ class Sparsity(ParametricLaw):
             ("beta", "beta", False), ("log_c", "c", True), ("lambda", "lambda", False), ("log_d", "d", True),
             ("delta", "delta", False), ("gamma", "gamma", False), ("log_R_D_star", "R_D_star", True))
     default_grid = {**SPARSITY_GRID, "log_R_D_star": np.log(R_STAR_GRID)}
+
+    @classmethod
+    def formula(cls, params: dict[str, float], digits: int = 6) -> str:
+        v = _texts(params, digits)
+        return (f"L = {v['e']} + {v['a']}/N^{v['alpha']} + {v['b']}/D′^{v['beta']} + {v['c']}/(1 − S)^{v['lambda']}"
+                f" + {v['d']}/((1 − S)^{v['delta']}·N^{v['gamma']}); {_effective_data_text(v)} (D′ = D when U is "
+                "unlimited)")
 
     def __init__(self, *, r_d_star: float | str | None = "auto",
                  frozen: dict[str, float] | None = None,

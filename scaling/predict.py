@@ -7,7 +7,7 @@
   the fit drawn at random (the laws fit log L, so residuals are log L − log L̂, multiplicative), the residuals
   inflated by sqrt(n/(n − p)) for the p parameters fitted to them (the usual degrees-of-freedom correction).
 
-``formula`` writes a fitted law with its numbers in, so a reader can recompute a prediction by hand.
+Each law's ``formula`` writes it with its fitted numbers in, so a reader can recompute a prediction by hand.
 """
 
 from __future__ import annotations
@@ -30,24 +30,6 @@ RESIDUAL_DRAWS = 20  # residuals drawn per bootstrap resample for the prediction
 def parametric(law: str) -> bool:
     """Whether ``law`` (a key of ``LAWS``) is a closed-form law of N, D, ... that predicts any point."""
     return hasattr(LAWS.get(law), "spec")
-
-
-def formula(law: str, params: dict[str, float], digits: int = 6) -> str | None:
-    """The fitted law as text with its numbers in (``digits`` significant digits), or None for a law that is not
-    a closed form (isoflop, envelope)."""
-    v = {k: f"{x:.{digits}g}" for k, x in params.items()}
-    d_eff = (f"U_D = min(U, D), R_D = D/U_D − 1, D′ = U_D + U_D·{v.get('R_D_star')}·(1 − exp(−R_D/"
-             f"{v.get('R_D_star')}))")
-    if law == "chinchilla":
-        return f"L = {v['E']} + {v['A']}/N^{v['alpha']} + {v['B']}/D^{v['beta']}"
-    if law == "data-constrained":
-        return (f"L = {v['E']} + {v['A']}/N′^{v['alpha']} + {v['B']}/D′^{v['beta']}; {d_eff}; "
-                f"U_N = min(N, ({v['alpha']}·{v['A']}/({v['beta']}·{v['B']}))^(1/{v['alpha']})·U_D^({v['beta']}/"
-                f"{v['alpha']})), R_N = N/U_N − 1, N′ = U_N + U_N·{v['R_N_star']}·(1 − exp(−R_N/{v['R_N_star']}))")
-    if law == "sparsity":
-        return (f"L = {v['e']} + {v['a']}/N^{v['alpha']} + {v['b']}/D′^{v['beta']} + {v['c']}/(1 − S)^{v['lambda']}"
-                f" + {v['d']}/((1 − S)^{v['delta']}·N^{v['gamma']}); {d_eff} (D′ = D when U is unlimited)")
-    return None
 
 
 def prediction_table(model: Law, runs: pd.DataFrame, points: pd.DataFrame, params: dict[str, float] | None = None,

@@ -31,7 +31,7 @@ from scaling.bootstrap import percentile_intervals
 from scaling.branches import savings_note
 from scaling.holdout import holdout_fit
 from scaling.laws import LAWS, FitError, Law, result_rows, summarize
-from scaling.predict import formula, parametric
+from scaling.predict import parametric
 from scaling.sparsity_vertex import law_checks
 from scaling.store import StoreError, connect, db_path, literal, runs_frame, save_fit
 
@@ -664,7 +664,7 @@ def fit_html(fit: Fit, sweep: str) -> str:
              f"-- not saved in the store; from a save it would be:\n{FIT_SQL.format(fit_id=literal('...'))}")
     sel = html.escape(sql(fit.selection, sweep))
     notes = "".join(f"<li>{html.escape(note)}</li>" for note in (fit.result or {}).get("notes", []))
-    law = formula(fit.law, (fit.result or {}).get("params", {})) if parametric(fit.law) else None
+    law = LAWS[fit.law].formula((fit.result or {}).get("params", {})) if parametric(fit.law) else None
     law_html = f"<p class=meta>fitted: <code>{html.escape(law)}</code></p>" if law else ""
     return (f"<div>{title}<p class=meta>{n} points; selection: <code>{sel}</code></p>{law_html}"
             f"{html_table(fit.table if fit.stored is None else fit.stored, query)}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,10 @@ class Toy(ParametricLaw):
 
     def _terms(self, data: dict) -> LinearTerms:
         return LinearTerms(3, [(0.0, {0: 1.0}), (0.0, {1: 1.0, 2: -data["log_n"]})], data["n"])
+
+    @classmethod
+    def formula(cls, params: dict[str, float], digits: int = 6) -> str:
+        return f"L = {params['E']:.{digits}g} + {params['A']:.{digits}g}/N^{params['alpha']:.{digits}g}"
 
     def _optimum(self, C: float, params: dict[str, float], **limits: Any) -> dict[str, float]:
         """The loss at 20 tokens per parameter within budget C (C = 6ND, Hoffmann et al.'s rule of thumb)."""
@@ -99,6 +104,7 @@ def test_a_registered_law_is_a_choice_fits_saves_and_reports(toy, tmp_path, monk
     assert code == 0, err
     page = (tmp_path / "report" / "index.html").read_text()
     assert f"{Toy.title}, dense" in page
+    assert re.search(r"fitted: <code>L = [\d.]+ \+ [\d.e+]+/N\^[\d.]+</code>", page)  # its own formula, printed
     assert f"{Toy.title}, dense" in json.loads((tmp_path / "report" / "answer.json").read_text())["fits"]
 
 

@@ -14,8 +14,8 @@ import pytest
 from scaling.fitting import fit_sweep
 from scaling.holdout import holdout_fit
 from scaling.ingest import ingest_file
-from scaling.laws import Chinchilla, FitError
-from scaling.predict import formula, predict, prediction_table
+from scaling.laws import LAWS, Chinchilla, FitError
+from scaling.predict import predict, prediction_table
 from scaling.store import StoreError, connect
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def test_predict_on_the_epoch_refit_is_the_formula_by_hand(tmp_path):
     row = table.iloc[0]
     assert row["loss"] == pytest.approx(by_hand, rel=1e-12)
     # the report's formula, with its printed numbers, gives the same value to its 6 digits
-    text = formula("chinchilla", p)
+    text = LAWS["chinchilla"].formula(p)
     numbers = [float(x) for x in re.findall(r"[0-9.]+(?:e[+-]?[0-9]+)?", text)]
     e, a, alpha, b, beta = numbers
     assert text == f"L = {e:.6g} + {a:.6g}/N^{alpha:.6g} + {b:.6g}/D^{beta:.6g}"
@@ -124,7 +124,7 @@ def test_the_data_constrained_formula_recomputes_by_hand():
                        {"loss": "val_loss"})
     model = DataConstrained().fit(frame)
     p = model.params_
-    text = formula("data-constrained", p)
+    text = LAWS["data-constrained"].formula(p)
     assert f"D′ = U_D + U_D·{p['R_D_star']:.6g}·(1 − exp(−R_D/{p['R_D_star']:.6g}))" in text
 
     def by_hand(n: float, d: float, u: float) -> float:

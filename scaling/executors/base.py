@@ -3,11 +3,15 @@ helpers that turn a task's exception or a worker's log into the one error string
 
 from __future__ import annotations
 
+import fcntl
+import json
 import math
 import os
 import sys
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -154,3 +158,33 @@ def log_tail(path: Path, lines: int = 30) -> str:
         return ""
     tail = "\n".join(text.splitlines()[-lines:])
     return f"\n--- last lines of {path}:\n{tail}" if tail else ""
+
+
+class Ledger:
+    """What a driver submitted per run (run_id → a dict of strings), in a JSON file that drivers share: updates
+    hold a file lock and replace the file atomically, so a killed driver's successor reads a whole one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict[str, dict[str, str]]:
+        try:
+            return json.loads(self.path.read_text())
+        except (FileNotFoundError, ValueError):  # none yet; torn cannot happen (atomic writes), hand-edited might
+            return {}
+
+    def record(self, entries: dict[str, dict[str, str]]) -> None:
+        """Add or replace these runs' entries, each stamped with ``submitted_at``."""
+        with self._locked():
+            ledger = self.load()
+            now = time.strftime("%Y-%m-%dT%H:%M:%S")
+            ledger.update({run_id: {**entry, "submitted_at": now} for run_id, entry in entries.items()})
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(ledger, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield

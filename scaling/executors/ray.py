@@ -20,8 +20,6 @@ is used.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
 import os
 import pickle
@@ -32,12 +30,10 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from scaling.executors.base import Backend, ExecutorError, Handle, Option, Outcome, Task, TaskFn, execute
+from scaling.executors.base import Backend, ExecutorError, Handle, Ledger, Option, Outcome, Task, TaskFn, execute
 from scaling.executors.process import PARENT_VAR, collect, pickle_task, signal_worker, start_worker, worker_path
 
 NAMESPACE = "scaling"
@@ -207,6 +203,7 @@ class RayExecutor:
                 raise ExecutorError(f"cannot connect to a Ray cluster at {address}: {first}") from None
         self.folder = Path(folder).resolve()
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.ledger = Ledger(self.folder / "actors.json")
         self.fn = fn
         self.cpus_per_task = cpus_per_task
         self.gpus_per_task = gpus_per_task
@@ -221,17 +218,15 @@ class RayExecutor:
         self._closed = False
         self._reap()
 
-    @property
-    def actors_file(self) -> Path:
-        return self.folder / "actors.json"
-
     def submit(self, tasks: list[Task]) -> list[Handle]:
         if self._closed:
             raise RuntimeError("this executor is shut down")
         pickles = [pickle_task(self.fn, task) for task in tasks]  # an unpicklable fn fails before anything starts
         names = [f"{task.run_id}-{uuid.uuid4().hex[:12]}" for task in tasks]
-        previous = self._load()
-        self._record(tasks, names)  # before the actors exist: a killed driver's successor can find every one
+        previous = self.ledger.load()
+        # before the actors exist: a killed driver's successor can find every one
+        self.ledger.record({task.run_id: {"actor": name, "run_dir": task.run_dir}
+                            for task, name in zip(tasks, names, strict=True)})
         handles: list[RayHandle] = []
         for task, name, task_pickle in zip(tasks, names, pickles, strict=True):
             if task.run_id in previous:  # a run has one actor at most
@@ -254,7 +249,7 @@ class RayExecutor:
         """Handles for the tasks whose recorded actor is still alive, or has left an outcome nobody collected."""
         import ray
 
-        recorded = self._load()
+        recorded = self.ledger.load()
         handles: list[RayHandle] = []
         for task in tasks:
             entry = recorded.get(task.run_id, {})
@@ -298,31 +293,9 @@ class RayExecutor:
 
     def _reap(self) -> None:
         """Kill the recorded actors that have finished (written their outcome): nothing runs in them any more."""
-        for entry in self._load().values():
+        for entry in self.ledger.load().values():
             if self.outcome_file(entry["actor"]).exists():
                 kill(entry["actor"])
-
-    def _load(self) -> dict[str, dict[str, str]]:
-        try:
-            return json.loads(self.actors_file.read_text())
-        except (FileNotFoundError, ValueError):  # none yet; a torn file cannot happen (atomic writes)
-            return {}
-
-    def _record(self, tasks: list[Task], names: list[str]) -> None:
-        with self._locked():
-            actors = self._load()
-            now = time.strftime("%Y-%m-%dT%H:%M:%S")
-            for task, name in zip(tasks, names, strict=True):
-                actors[task.run_id] = {"actor": name, "run_dir": task.run_dir, "submitted_at": now}
-            tmp = self.actors_file.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(actors, indent=1, sort_keys=True))
-            os.replace(tmp, self.actors_file)
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self.folder / "actors.json.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
 
 
 def make(runs_dir: Path, fn: TaskFn, options: dict[str, Any]) -> RayExecutor:

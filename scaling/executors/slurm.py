@@ -8,17 +8,14 @@ queued or running instead of submitting them again. submitit is imported only wh
 
 from __future__ import annotations
 
-import fcntl
 import io
-import json
 import os
 import shlex
 import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, redirect_stderr
+from contextlib import redirect_stderr
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +24,7 @@ from scaling.executors.base import (
     Backend,
     ExecutorError,
     Handle,
+    Ledger,
     Option,
     Outcome,
     Task,
@@ -245,6 +243,7 @@ class SlurmExecutor:
 
         self.folder = Path(folder).resolve()
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.ledger = Ledger(self.folder / "jobs.json")
         self.fn = fn
         self.queue = SlurmQueue(poll_s)
         self._handles: list[SlurmHandle] = []
@@ -265,10 +264,6 @@ class SlurmExecutor:
         self.executor = submitit.AutoExecutor(folder=self.folder, cluster="slurm")
         self.executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
 
-    @property
-    def jobs_file(self) -> Path:
-        return self.folder / "jobs.json"
-
     def submit(self, tasks: list[Task]) -> list[Handle]:
         import submitit
 
@@ -286,7 +281,7 @@ class SlurmExecutor:
                                     "(does `sinfo` list a partition?)") from None
             new = [SlurmHandle(task, job, self.queue) for task, job in zip(chunk, jobs, strict=True)]
             self.queue.track([h.job_id for h in new])
-            self._record(new)
+            self.ledger.record({h.task.run_id: {"job_id": h.job_id, "run_dir": h.task.run_dir} for h in new})
             handles += new
         self._handles += handles
         return list(handles)
@@ -295,7 +290,7 @@ class SlurmExecutor:
         """Handles for the tasks whose last job is still queued or running, or finished uncollected."""
         import submitit
 
-        recorded = self._load()
+        recorded = self.ledger.load()
         candidates = [(task, recorded[task.run_id]["job_id"]) for task in tasks
                       if task.run_id in recorded and recorded[task.run_id].get("run_dir") == task.run_dir]
         if not candidates:
@@ -321,30 +316,6 @@ class SlurmExecutor:
         running = [h.job_id for h in self._handles if not h.done()]
         for start in range(0, len(running), 500):
             subprocess.run(["scancel", *running[start:start + 500]], capture_output=True, timeout=120)
-
-    def _load(self) -> dict[str, dict[str, str]]:
-        try:
-            return json.loads(self.jobs_file.read_text())
-        except FileNotFoundError:
-            return {}
-        except ValueError:  # a torn file cannot happen (atomic writes); a hand-edited one might
-            return {}
-
-    def _record(self, handles: list[SlurmHandle]) -> None:
-        with self._locked():
-            jobs = self._load()
-            now = time.strftime("%Y-%m-%dT%H:%M:%S")
-            for h in handles:
-                jobs[h.task.run_id] = {"job_id": h.job_id, "run_dir": h.task.run_dir, "submitted_at": now}
-            tmp = self.jobs_file.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(jobs, indent=1, sort_keys=True))
-            os.replace(tmp, self.jobs_file)
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self.folder / "jobs.json.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
 
 
 def make(runs_dir: Path, fn: TaskFn, options: dict[str, Any]) -> SlurmExecutor:
