@@ -23,7 +23,6 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pandas as pd
-import scipy.stats
 
 from scaling.config import RunSpec, SweepConfig, cooldown_start, warmup_steps
 from scaling.flops import flops_6nd, train_flops_per_token
@@ -136,8 +135,10 @@ def compare(points: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
 
 def summary(pairs: pd.DataFrame, level: float) -> dict:
     """Mean loss each way, mean difference and its t interval (none from a single pair)."""
+    from scipy.stats import t  # here: planning (grid, store) imports this module and needs no scipy
+
     n, diff = len(pairs), pairs["diff"].to_numpy()
-    half = (scipy.stats.t.ppf(0.5 + level / 2, n - 1) * diff.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    half = (t.ppf(0.5 + level / 2, n - 1) * diff.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
     return {"seeds": n, "dedicated": pairs.dedicated.mean(), "branches": pairs.branches.mean(),
             "diff": diff.mean(), "ci_lo": diff.mean() - half, "ci_hi": diff.mean() + half,
             "rel_diff": diff.mean() / pairs.dedicated.mean()}

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from scaling.config import RunSpec, SweepConfig
+from scaling.grid import COLUMNS as PLAN_COLUMNS
 from scaling.laws import result_rows
 from scaling.runfiles import ROUTER_STATS, DamagedRunFile, read_finished, set_aside
 
@@ -45,9 +46,7 @@ RUN_COLUMNS = {
     "source": "VARCHAR DEFAULT 'trained'",
     "role": "VARCHAR DEFAULT 'run'", "trunk_id": "VARCHAR", "flops_spent": "DOUBLE",
 }
-PLANNED = ["flops", "flops_6nd", "params", "active_params", "embedding_params", "sparsity", "param_sparsity",
-           "n_experts", "top_k", "d_model", "n_layers", "n_heads", "lr", "steps", "tokens", "unique_tokens",
-           "epochs", "seed", "threads", "role", "trunk_id", "flops_spent"]
+PLANNED = [c for c in PLAN_COLUMNS if c not in ("run_id", "budget", "spec")]  # the key, sweep_runs', stored as JSON
 RESULT = ["final_train_loss", "final_eval_loss", "tokens_seen", "epochs_done", "diverged_step", "wall_s",
           "train_s", "tokens_per_s", "flops_per_s", "started_at", "finished_at"]
 
