@@ -165,7 +165,7 @@ def branch_check(sweep_file: str, db: str | None, runs_dir: str | None, fmt: str
         raise ConfigError(f'{sweep_file}: branch-check needs a sweep with [schedule] kind = "wsd-branches"')
     twin = dedicated_twin(sweep)
     for each in (sweep, twin):
-        execute_sweep(each, db, runs_root(runs_dir), workers=workers)
+        execute_sweep(each, db, runs_root(runs_dir), executor="local", options={"workers": workers})
     con = connect(db, read_only=True)
     try:
         table = compare(sweep_points(con, {sweep.name: "branches", twin.name: "dedicated"}))

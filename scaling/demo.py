@@ -34,7 +34,7 @@ def run_demo(db: str | None, runs_dir: Path, out: Path | None, quick: bool = Fal
         bootstrap = min(bootstrap, 50)
     out = out or Path("reports") / sweep.name
     err(f"corpus: {prepare(sweep.corpus, sweep.tokenizer, sweep.vocab_size)}")
-    execute_sweep(sweep, db, runs_dir, workers=workers)
+    execute_sweep(sweep, db, runs_dir, executor="local", options={"workers": workers})
     stamp = fingerprint(db, sweep.name, bootstrap)
     answer_file = out / "answer.json"
     previous = json.loads(answer_file.read_text()) if answer_file.exists() else {}

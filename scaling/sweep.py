@@ -19,15 +19,13 @@ from scaling.store import connect
 
 
 def execute_sweep(sweep: SweepConfig, db: str | None, runs_dir: Path, executor: str | None = None,
-                  options: dict | None = None, workers: int | None = None, retries: int = 1, dry_run: bool = False,
+                  options: dict | None = None, retries: int = 1, dry_run: bool = False,
                   fmt: str = "table") -> SweepOutcome | None:
     """Run (or with ``dry_run`` list) the unfinished runs of a sweep; prints progress and how to resume.
 
     ``executor``: the backend's name (default: the one the sweep's ``[executor]`` table names, else local);
-    ``options``: the command line's options for it, over the table's (``scaling.executors.choose`` checks both);
-    ``workers``: the local backend's ``workers`` option."""
-    given = {**({"workers": workers} if workers is not None else {}), **(options or {})}
-    backend, settings, note = choose(executor, sweep.executor, given)
+    ``options``: the command line's options for it, over the table's (``scaling.executors.choose`` checks both)."""
+    backend, settings, note = choose(executor, sweep.executor, options or {})
     if note:
         err(note)
     if dry_run:

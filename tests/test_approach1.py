@@ -90,7 +90,7 @@ def test_curves_the_trainer_stores(tmp_path):
                                    "checkpoints_per_octave": 2}})
     prepare(sweep.corpus, sweep.tokenizer, sweep.vocab_size)
     db = tmp_path / "r.duckdb"
-    execute_sweep(sweep, str(db), tmp_path / "runs", workers=2)
+    execute_sweep(sweep, str(db), tmp_path / "runs", executor="local", options={"workers": 2})
     con = connect(db, read_only=True)
     points = con.execute(curves_sql(literal("a1"))).df()
     con.close()

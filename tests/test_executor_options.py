@@ -56,9 +56,17 @@ def test_the_table_names_its_backend_or_serves_the_one_chosen():
         check_table({"backend": "ray", "workers": 2})
     with pytest.raises(ConfigError, match=r"executor.backend must be one of local, slurm, ray, got 'k8s'"):
         check_table({"backend": "k8s"})
+    with pytest.raises(ConfigError, match=r"executor.backend must be one of local, slurm, ray, got \['slurm'\]"):
+        check_table({"backend": ["slurm"]})
     with pytest.raises(ConfigError, match=r"unknown key executor.adress: no executor takes it \(did you mean "
                                           r"'address'\?\)"):
         check_table({"adress": "x"})
+
+
+def test_local_only_commands_ignore_a_table_for_another_backend():
+    """branch-check and the demo run locally (``executor="local"``): a sweep file's table for Slurm is set aside."""
+    backend, options, note = choose("local", check_table({"backend": "slurm", "partition": "gpu"}), {"workers": 2})
+    assert backend.name == "local" and options == {"workers": 2} and "ignored with --executor local" in note
 
 
 def test_a_registered_backend_needs_nothing_else(monkeypatch):

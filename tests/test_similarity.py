@@ -227,7 +227,8 @@ def test_similarity_sweep_end_to_end(tmp_path):
     assert len(plan(sweep).runs) == 8  # at this budget the two size targets still give two shapes
     prepare(sweep.corpus, sweep.tokenizer, sweep.vocab_size)
     db = tmp_path / "r.duckdb"
-    execute_sweep(sweep, str(db), tmp_path / "runs", workers=2)  # one thread each: 2-thread torch stalls on a busy VM
+    # one thread each: 2-thread torch stalls on a busy VM
+    execute_sweep(sweep, str(db), tmp_path / "runs", executor="local", options={"workers": 2})
     frame = similarity_command(str(db), sweep.name, [], "tokens", 50, tmp_path / "report", "csv")
     assert {"dense–MoE", "MoE–MoE (other seed)", "dense–dense (other seed)", "dense–dense (other size)"} <= set(
         frame.kind)

@@ -29,6 +29,7 @@ from scaling.executors.base import (
     TaskFn,
     available_cpus,
     execute,
+    flag,
 )
 from scaling.executors.local import LocalExecutor
 from scaling.executors.slurm import SlurmExecutor
@@ -51,7 +52,7 @@ def check_table(table: dict[str, Any]) -> dict[str, Any]:
     """The sweep file's ``[executor]`` table, checked and with its values typed: ``backend``, if given, names a
     registered backend and every other key is one of its options; without it, every key must be an option of some
     backend and is checked as the first that takes it (``choose`` checks it again against the backend that runs)."""
-    if BACKEND_KEY in table and table[BACKEND_KEY] not in BACKENDS:
+    if BACKEND_KEY in table and (not isinstance(table[BACKEND_KEY], str) or table[BACKEND_KEY] not in BACKENDS):
         raise ConfigError(f"executor.{BACKEND_KEY} must be one of {', '.join(BACKENDS)}, got {table[BACKEND_KEY]!r}")
     named = BACKENDS.get(table.get(BACKEND_KEY, ""))
     checked: dict[str, Any] = {}
@@ -102,7 +103,7 @@ def choose(name: str | None, table: dict[str, Any], given: dict[str, Any]) -> tu
     for where, values in (("sweep file", from_table), ("command line", given)):
         for key, value in values.items():
             option = backend.option(key)
-            label = f"executor.{key}" if where == "sweep file" else "--" + key.replace("_", "-")
+            label = f"executor.{key}" if where == "sweep file" else flag(key)
             if option is None:
                 others = takers(key)
                 hint = f"; {label} is for the {' and '.join(others)} executor" if others else ""

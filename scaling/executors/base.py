@@ -64,6 +64,11 @@ class Executor(Protocol):
         ...
 
 
+def flag(name: str) -> str:
+    """The command-line flag of option ``name``."""
+    return "--" + name.replace("_", "-")
+
+
 @dataclass(frozen=True)
 class Option:
     """One setting of a backend: a key of the sweep file's ``[executor]`` table and ``--name`` on the command
@@ -78,7 +83,7 @@ class Option:
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return flag(self.name)
 
     def check(self, value: Any, key: str) -> Any:
         """``value`` as this option's type, or a ConfigError naming ``key``."""
