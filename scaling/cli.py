@@ -339,7 +339,8 @@ def fit(sweep: str | None, law: str, csv_path: str | None, columns: tuple[str, .
     if not csv_path and not sweep:
         raise click.UsageError("give a SWEEP (from the store) or --csv PATH")
     show_progress()
-    from scaling.fitting import fit_frame, fit_sweep, result_table
+    from scaling.fitting import fit_frame, fit_sweep
+    from scaling.laws import result_rows
 
     if csv_path:
         result = fit_frame(csv_path, law, columns=assignments(columns, "--column", "OURS=THEIRS"), **options)
@@ -348,7 +349,7 @@ def fit(sweep: str | None, law: str, csv_path: str | None, columns: tuple[str, .
     if fmt == "json":
         emit_json(result)
     else:
-        emit(result_table(result), fmt, title=f"{law} fit ({result['n_points']} points)")
+        emit(result_rows(result), fmt, title=f"{law} fit ({result['n_points']} points)")
         for note in result.get("notes", []):
             err(f"note: {note}")
 
@@ -429,7 +430,8 @@ def fit_approach1(sweep: str | None, csv_path: str | None, columns: tuple[str, .
     import pandas as pd
 
     from scaling.approach1 import fit_curves, fit_sweep_curves
-    from scaling.fitting import convention_columns, read_points, result_table
+    from scaling.fitting import convention_columns, read_points
+    from scaling.laws import result_rows
 
     options = dict(bootstrap=bootstrap, budget=budget, seed=seed)
     if csv_path:
@@ -446,7 +448,7 @@ def fit_approach1(sweep: str | None, csv_path: str | None, columns: tuple[str, .
         emit_json(result)
         return
     if fmt == "table":
-        emit(result_table(result), fmt, title=f"approach 1 ({result['n_points']} curve points)")
+        emit(result_rows(result), fmt, title=f"approach 1 ({result['n_points']} curve points)")
     env = pd.DataFrame(result["envelope"])
     if fmt == "table":  # one row per stretch of budgets with the same best run
         env = env[env["run_id"] != env["run_id"].shift()]
@@ -461,8 +463,9 @@ def fit_holdout(sweep: str | None, law: str, csv_path: str | None, columns: tupl
     """``fit --holdout-largest K``: the fit on the smaller budgets, then the held-out runs (csv: those only)."""
     import pandas as pd
 
-    from scaling.fitting import csv_points, one_sparsity, result_table, sweep_points
+    from scaling.fitting import csv_points, one_sparsity, sweep_points
     from scaling.holdout import holdout_fit
+    from scaling.laws import result_rows
 
     if csv_path:
         frame = csv_points(csv_path, law, assignments(columns, "--column", "OURS=THEIRS"), where, sparsity)
@@ -477,7 +480,7 @@ def fit_holdout(sweep: str | None, law: str, csv_path: str | None, columns: tupl
         emit_json(result)
         return
     if fmt == "table":
-        emit(result_table(result), fmt, title=f"{law} fit on the smaller budgets ({result['n_points']} points)")
+        emit(result_rows(result), fmt, title=f"{law} fit on the smaller budgets ({result['n_points']} points)")
     emit(runs, fmt, title=f"held-out runs at the {k} largest budget(s)")
     for note in result.get("notes", []):
         err(f"note: {note}")

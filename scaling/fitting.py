@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from scaling.laws import LAWS, FitError, fit_law, result_rows, summarize
+from scaling.laws import LAWS, FitError, fit_law, summarize
 from scaling.sparsity_vertex import SparsityVertex, law_checks
 from scaling.sqlquery import QueryError, read_only_statement
 from scaling.store import connect, literal, save_fit
@@ -189,7 +190,7 @@ def sweep_points(db: str | None, sweep: str, where: str | None = None,
     return frame
 
 
-FIT_ARGUMENTS = ("bootstrap", "budget", "unique_tokens", "seed", "level")
+FIT_ARGUMENTS = tuple(p.name for p in inspect.signature(fit_law).parameters.values() if p.kind is p.KEYWORD_ONLY)
 """``fit_law``'s own arguments; every other option is the law's (``--freeze``, ``--weighted``), saved to refit it."""
 
 
@@ -206,7 +207,3 @@ def fit_sweep(db: str | None, sweep: str, law: str, where: str | None = None, sp
         con.close()
     return result
 
-
-def result_table(result: dict[str, Any]) -> pd.DataFrame:
-    """Parameters and optimum as rows: kind, name, value, ci_lo, ci_hi (``laws.result_rows``)."""
-    return result_rows(result)

@@ -25,7 +25,7 @@ from scaling.config import ROUTERS, ModelConfig
 
 class RouterStats(NamedTuple):
     """One MoE layer's routing in one forward pass (detached). A vector field has one value per expert, a scalar one
-    per layer; the names are the run files' and the store's columns (``runfiles.ROUTER_FIELDS``)."""
+    per layer; the names are the run files' and the store's columns (``runfiles.ROUTER_STATS``)."""
 
     load: Tensor  # [E] fraction of token-expert assignments routed to each expert (sums to 1)
     entropy: Tensor  # mean entropy of the router distribution over tokens (nats)
