@@ -25,6 +25,7 @@ import abc
 import copy
 import itertools
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -133,7 +134,8 @@ class Law(abc.ABC):
     limits: ClassVar[tuple[str, ...]] = ()
     """The keyword limits ``optimum`` takes besides C (e.g. U, the unique-token limit)."""
     optimum_returns: ClassVar[tuple[str, ...]] = ()
-    """The keys of ``optimum``'s answer ({S} stands for a sparsity label, e.g. loss_S0.5)."""
+    """The keys ``optimum``'s answer may have ({S} stands for a sparsity label, e.g. loss_S0.5; without a U limit
+    a law of U leaves out U and epochs). ``optimum`` checks every answer against them."""
     report_runs: ClassVar[str | None] = "default"
     """Which runs the report fits it on: "default" (each sparsity level, or all runs for a law of sparsity),
     "dense" (the dense runs), or None (not in the report)."""
@@ -151,7 +153,7 @@ class Law(abc.ABC):
         """Predicted loss per row (call ``self._check_fitted()`` first)."""
 
     def optimum(self, C: float, *, params: dict[str, float] | None = None, **limits: Any) -> dict[str, float]:
-        """The compute-optimal answer at budget C (keys: ``optimum_returns``) under the fitted parameters, or
+        """The compute-optimal answer at budget C (keys from ``optimum_returns``) under the fitted parameters, or
         under ``params`` (a saved fit's, a bootstrap resample's), within ``limits`` (names: ``limits``)."""
         unknown = sorted(set(limits) - set(self.limits))
         if unknown:
@@ -159,7 +161,12 @@ class Law(abc.ABC):
             raise FitError(f"{self.name}'s optimum has no limit {', '.join(unknown)} ({takes})")
         if params is None:
             self._check_fitted()
-        return self._optimum(C, self.params_ if params is None else params, **limits)
+        answer = self._optimum(C, self.params_ if params is None else params, **limits)
+        declared = [re.compile(re.escape(key).replace(re.escape("{S}"), ".+")) for key in self.optimum_returns]
+        undeclared = [key for key in answer if not any(p.fullmatch(key) for p in declared)]
+        if undeclared:  # a law's own mistake, not the user's
+            raise TypeError(f"{self.name}.optimum returned {undeclared}, not declared in its optimum_returns")
+        return answer
 
     @abc.abstractmethod
     def _optimum(self, C: float, params: dict[str, float], **limits: Any) -> dict[str, float]:

@@ -121,6 +121,16 @@ def test_a_law_that_models_no_sparsity_fits_one_level(toy, tmp_path, monkeypatch
     assert code == 2 and "Toy has no parameter(s) B to freeze; it can freeze E, A, alpha only" in err
 
 
+def test_an_optimum_returns_only_what_its_law_declares(tmp_path):
+    class Terse(Toy):
+        optimum_returns = ("C", "N")  # leaves out "loss", which Toy's optimum returns
+
+    frame = pd.read_csv(toy_runs(tmp_path / "toy.csv"))
+    assert set(Toy().fit(frame).optimum(1e20)) == {"C", "N", "loss"}
+    with pytest.raises(TypeError, match=r"Toy.optimum returned \['loss'\], not declared"):
+        Terse().fit(frame).optimum(1e20)
+
+
 def test_every_law_declares_what_it_needs():
     for key, law in LAWS.items():
         assert issubclass(law, Law) and law.title and law.optimum_returns, key
