@@ -1,4 +1,5 @@
-"""The ``local`` backend: one fresh Python process per task on this machine, at most ``workers`` at a time.
+"""The ``local`` backend: one fresh Python process per task on this machine, at most ``workers`` at a time, each
+forked from a template process that has imported the trainer once (``process.fork_worker``).
 
 A process that dies (``os._exit``, a segfault, the OOM killer) fails only its own task, with its exit code: there
 is no shared pool to break.
@@ -10,7 +11,6 @@ import collections
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 import threading
 import weakref
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from scaling.executors.base import Backend, Handle, Option, Outcome, Task, TaskFn, available_cpus, describe, execute
-from scaling.executors.process import collect, pickle_task, signal_worker, start_worker, worker_path
+from scaling.executors.process import ForkedWorker, collect, fork_worker, pickle_task, signal_worker, worker_path
 
 
 class LocalHandle:
@@ -27,7 +27,7 @@ class LocalHandle:
     def __init__(self, task: Task, payload: Path) -> None:
         self.task = task
         self.payload = payload
-        self.process: subprocess.Popen | None = None
+        self.process: ForkedWorker | None = None
         self.started = False  # whether a worker process ever ran the task (not: its run directory was unusable)
         self.cancelled = False
         self._outcome: Outcome | None = None
@@ -51,9 +51,9 @@ class LocalExecutor:
 
     Why not ``ProcessPoolExecutor``: when one of its processes dies, the whole pool breaks and every pending
     future fails, with no record of which task killed it. A process per task (``scaling.executors.process``)
-    attributes an exit code to exactly one task, costs one interpreter start-up per run (negligible next to
-    training), and gives each run a clean state (threads, memory). ``fn`` travels by cloudpickle (by reference
-    when importable: workers get the driver's own ``sys.path`` entries). A background thread starts queued tasks
+    attributes an exit code to exactly one task and gives each run a clean state (threads, memory): a copy of the
+    template, which has imported but never run anything. ``fn`` travels by cloudpickle (by reference when
+    importable: workers get the driver's own ``sys.path``). A background thread starts queued tasks
     as slots free up.
 
     Each worker gets its run's ``train.threads`` (``SCALING_THREADS``, ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``;
@@ -151,8 +151,8 @@ class LocalExecutor:
             handle = self._queue.popleft()
             threads = int(handle.task.spec.get("train", {}).get("threads") or self.threads)
             try:
-                handle.process = start_worker(handle.payload, handle.task, threads,
-                                              env={**os.environ, "PYTHONPATH": worker_path()})
+                handle.process = fork_worker(handle.payload, handle.task, threads,
+                                             env={**os.environ, "PYTHONPATH": worker_path()})
             except Exception as exc:
                 handle.finish(None, f"could not start a worker process: {describe(exc)}")
                 continue
