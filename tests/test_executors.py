@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -70,6 +71,36 @@ def test_runs_tasks_with_two_workers(tmp_path):
     assert max(overlaps) <= 2 and max(overlaps) == 2
     log = (tmp_path / "r0" / "worker.log").read_text()
     assert "run r0: worker with" in log and "working on r0" in log
+
+
+def probe(spec: dict, run_dir: str) -> dict:
+    """What a forked worker starts with, and a change to the template's modules that must not reach the next."""
+    preloaded = "torch._dynamo" in sys.modules  # before this task imports anything
+    import torch
+
+    import scaling.train
+
+    seen = getattr(scaling.train, "probe_mark", None)
+    scaling.train.probe_mark = spec["name"]
+    print(f"probe {spec['name']}")
+    return {"preloaded": preloaded, "seen": seen, "own_session": os.getsid(0) == os.getpid(),
+            "torch_threads": torch.get_num_threads(), "env": os.environ.get("SCALING_PROBE")}
+
+
+def test_workers_fork_from_a_preloaded_template_with_their_own_state(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCALING_PROBE", "from the driver")
+    executor = LocalExecutor(workers=1, fn=probe)
+    handles = executor.submit(tasks(tmp_path, {"name": "a", "train": {"threads": 1}},
+                                    {"name": "b", "train": {"threads": 2}}))
+    wait_all(handles)
+    (a, _), (b, _) = (h.outcome() for h in handles)
+    executor.shutdown(cancel=False)
+    assert a["preloaded"] and b["preloaded"]  # the trainer's imports were paid once, by the template
+    assert a["seen"] is None and b["seen"] is None  # each task starts from the template, not from the last task
+    assert a["own_session"] and b["own_session"]
+    assert (a["torch_threads"], b["torch_threads"]) == (1, 2)
+    assert a["env"] == b["env"] == "from the driver"
+    assert "probe b" in (tmp_path / "b" / "worker.log").read_text()
 
 
 def test_exception_is_recorded_with_its_message(tmp_path):

@@ -153,7 +153,8 @@ def forked_main(payload_path: str, out_path: str, log_path: str, env: dict[str, 
         os.dup2(fd, target)
     os.close(fd)
     for stream in (sys.stdout, sys.stderr):
-        stream.reconfigure(line_buffering=True)
+        if stream is not None:  # None when the driver started without them
+            stream.reconfigure(line_buffering=True)
     os.environ.clear()
     os.environ.update(env)
     worker_main(payload_path, out_path)
