@@ -121,7 +121,9 @@ def template() -> multiprocessing.context.ForkServerContext:
 
 class ForkedWorker:
     """A worker forked from the template: the ``pid`` and ``poll()`` of ``subprocess.Popen`` that the local
-    backend uses."""
+    backend uses. Its exit code comes through the template; should the template itself be killed, its workers read
+    as exit code 255 although they may still run (the run directory's lock keeps a retry from training beside one).
+    """
 
     def __init__(self, process: multiprocessing.process.BaseProcess) -> None:
         self.process = process
